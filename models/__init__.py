@@ -1,0 +1,1 @@
+"""Networks (diffusers `ModelMixin` subclasses)."""

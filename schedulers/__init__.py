@@ -1,0 +1,1 @@
+"""Samplers (diffusers `SchedulerMixin` subclasses) and classifier-free guidance weight schedules."""

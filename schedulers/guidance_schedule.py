@@ -1,0 +1,296 @@
+"""Classifier-free guidance weight schedules (Wang et al., "Analysis of Classifier-Free Guidance Weight
+Schedulers", TMLR 2024).
+
+Convention (pinned down here, tested in tests/test_guidance_schedule.py, documented in docs/):
+
+* diffusers writes CFG as ``eps_u + g * (eps_c - eps_u)``; the paper writes ``eps_c + w * (eps_c - eps_u)``.
+  They are the same when ``g = 1 + w``. ``guidance_scale`` is always diffusers' ``g``; the shapes act on
+  ``w = guidance_scale - 1``; :meth:`GuidanceSchedule.scales` returns diffusers scales ``g_i = 1 + w_i``.
+* With ``N`` steps run, step ``i = 0 .. N-1`` (``i = 0`` is the noisiest) has sampling progress
+  ``s_i = i / (N - 1)`` and paper time ``t/T = 1 - s_i``. A single step (``N = 1``) runs at full weight ``w``.
+* Normalised kinds (linear, invlinear, cosine, sine, v-shape, lambda-shape) are rescaled over the steps
+  actually run so that ``mean(w_i) == w``: the schedule redistributes guidance, it does not add any.
+* Increasing kinds (linear, cosine, pcs) start at ``w_0 = 0``, so the first step needs no unconditional
+  pass; pipelines skip the unconditional half of the batch on every step where ``w_i == 0``.
+"""
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+# Shapes f(s) of sampling progress s in [0, 1]; w_i = w * f(s_i) / mean_i f(s_i).
+# The paper states them in diffusion time t/T = 1 - s, e.g. linear 1 - t/T and cosine cos(pi t/T) + 1.
+_NORMALISED_SHAPES = {
+    "linear": lambda s: s,
+    "invlinear": lambda s: 1.0 - s,
+    "cosine": lambda s: 1.0 - torch.cos(math.pi * s),
+    "sine": lambda s: 1.0 + torch.cos(math.pi * s),
+    # The thesis' piecewise formulas, read literally, give the opposite shapes to these names; we follow the
+    # names: V is high at both ends and low in the middle, Lambda low at both ends and high in the middle.
+    "v-shape": lambda s: (1.0 - 2.0 * s).abs(),
+    "lambda-shape": lambda s: 1.0 - (1.0 - 2.0 * s).abs(),
+}
+_CLAMPED_SHAPES = {"clamp-linear": "linear", "clamp-cosine": "cosine"}
+
+GUIDANCE_SCHEDULE_KINDS = (
+    "static",
+    *_NORMALISED_SHAPES,
+    "pcs",
+    *_CLAMPED_SHAPES,
+    "interval",
+    "custom",
+    "callable",
+)
+
+ScaleFunction = Callable[[int, int, float], float]
+GuidanceScheduleLike = Union[str, "GuidanceSchedule", Sequence[float], torch.Tensor, ScaleFunction, None]
+
+
+class GuidanceSchedule(ConfigMixin):
+    r"""A per-step classifier-free guidance weight schedule, saved and loaded like a diffusers config.
+
+    Args:
+        kind (`str`, defaults to `"static"`):
+            One of `static`, `linear`, `invlinear`, `cosine`, `sine`, `v-shape`, `lambda-shape` (area-normalised:
+            the mean weight over the run equals `w`), `pcs` (power-cosine, needs `power`), `clamp-linear` and
+            `clamp-cosine` (need `clamp`), `interval` (needs `interval`), `custom` (needs `values`).
+            A callable is wrapped with :meth:`from_callable` and cannot be saved.
+        power (`float`, *optional*):
+            Exponent `s > 0` of `pcs`: `w_i = w * (1 - cos(pi * s_i**power)) / 2`. The paper's best values are 1 for
+            SD1.5 and 0.1 for SDXL.
+        clamp (`float`, *optional*):
+            Floor `c >= 0` of the clamp kinds, in the paper's `w` units (`w = guidance_scale - 1`):
+            `w_i = max(c, w_i(heuristic))`. The paper's best values are 2 for SD1.5 and 4 for SDXL.
+        interval (`tuple[float, float]`, *optional*):
+            `(start, end)` with `0 <= start < end <= 1`, a window of sampling progress `s_i`. Steps inside it
+            (`start <= s_i <= end`) use the full weight `w`, steps outside use no guidance at all (Kynkaanniemi
+            et al. 2024). Not normalised.
+        values (`list[float]`, *optional*):
+            Per-step diffusers guidance scales `g_i >= 1` for `custom`, step 0 (noisiest) first. Their length must
+            equal `num_inference_steps`; `guidance_scale` is then ignored.
+
+    Example:
+        ```py
+        >>> from storydiff import GuidanceSchedule
+        >>> GuidanceSchedule("linear").scales(guidance_scale=3.0, num_inference_steps=5)
+        tensor([1.0000, 2.0000, 3.0000, 4.0000, 5.0000], dtype=torch.float64)
+        ```
+    """
+
+    config_name = "guidance_schedule_config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        kind: str = "static",
+        power: Optional[float] = None,
+        clamp: Optional[float] = None,
+        interval: Optional[Sequence[float]] = None,
+        values: Optional[Sequence[float]] = None,
+    ):
+        if not isinstance(kind, str):
+            raise TypeError(f"`kind` must be a string, got {type(kind).__name__}.")
+        if kind not in GUIDANCE_SCHEDULE_KINDS:
+            raise ValueError(
+                f"Unknown guidance schedule kind {kind!r}. Valid kinds: {', '.join(GUIDANCE_SCHEDULE_KINDS)}."
+            )
+        self._check_parameters(kind, power, clamp, interval, values)
+        self._scale_function: Optional[ScaleFunction] = None
+
+    @staticmethod
+    def _check_parameters(kind, power, clamp, interval, values):
+        def finite_number(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be finite, got {value}.")
+
+        def unused(name, value):
+            if value is not None:
+                raise ValueError(f"`{name}` is not a parameter of the {kind!r} schedule; leave it as None.")
+
+        if kind == "pcs":
+            if power is None:
+                raise ValueError("The 'pcs' schedule needs `power` (> 0), e.g. 1.0 for SD1.5 or 0.1 for SDXL.")
+            finite_number("power", power)
+            if power <= 0:
+                raise ValueError(f"`power` of the 'pcs' schedule must be > 0, got {power}.")
+        else:
+            unused("power", power)
+
+        if kind in _CLAMPED_SHAPES:
+            if clamp is None:
+                raise ValueError(f"The {kind!r} schedule needs `clamp` (>= 0, in w units), e.g. 2 for SD1.5.")
+            finite_number("clamp", clamp)
+            if clamp < 0:
+                raise ValueError(f"`clamp` must be >= 0 (it is a guidance weight w), got {clamp}.")
+        else:
+            unused("clamp", clamp)
+
+        if kind == "interval":
+            if interval is None or isinstance(interval, str) or len(interval) != 2:
+                raise ValueError(f"The 'interval' schedule needs `interval=(start, end)`, got {interval!r}.")
+            for bound in interval:
+                finite_number("interval", bound)
+            start, end = interval
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"`interval` must satisfy 0 <= start < end <= 1, got ({start}, {end}).")
+        else:
+            unused("interval", interval)
+
+        if kind == "custom":
+            if values is None or isinstance(values, str) or len(values) == 0:
+                raise ValueError("The 'custom' schedule needs a non-empty list of per-step scales in `values`.")
+            for value in values:
+                finite_number("values", value)
+            if min(values) < 1.0:
+                raise ValueError(
+                    f"Per-step guidance scales must be >= 1 (1 turns guidance off for that step), got {min(values)}."
+                )
+        else:
+            unused("values", values)
+
+    @classmethod
+    def from_callable(cls, function: ScaleFunction) -> "GuidanceSchedule":
+        """Wrap `function(step_index, num_inference_steps, guidance_scale) -> scale`, returning diffusers scales
+        `g_i >= 1` with step 0 the noisiest. Such a schedule works everywhere but cannot be saved."""
+        if not callable(function):
+            raise TypeError(f"Expected a callable, got {type(function).__name__}.")
+        schedule = cls(kind="callable")
+        schedule._scale_function = function
+        return schedule
+
+    @classmethod
+    def from_any(cls, schedule: GuidanceScheduleLike) -> "GuidanceSchedule":
+        """Normalise what users pass as `guidance_schedule=`: a kind name, a `GuidanceSchedule`, a list or 1-D
+        tensor of per-step scales, a callable, or None (static)."""
+        if schedule is None:
+            return cls()
+        if isinstance(schedule, GuidanceSchedule):
+            return schedule
+        if isinstance(schedule, str):
+            return cls(kind=schedule)
+        if isinstance(schedule, torch.Tensor):
+            if schedule.ndim != 1:
+                raise ValueError(
+                    f"A tensor schedule must be 1-D (one scale per step), got shape {tuple(schedule.shape)}."
+                )
+            return cls(kind="custom", values=schedule.tolist())
+        if isinstance(schedule, (list, tuple)):
+            return cls(kind="custom", values=list(schedule))
+        if callable(schedule):
+            return cls.from_callable(schedule)
+        raise TypeError(
+            "`guidance_schedule` must be a kind name, a GuidanceSchedule, a list of per-step scales or a callable, "
+            f"got {type(schedule).__name__}."
+        )
+
+    @property
+    def is_static(self) -> bool:
+        return self.config.kind == "static"
+
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        if self.config.kind == "callable":
+            raise ValueError("A schedule made from a callable cannot be saved; use a kind name or a list of scales.")
+        return super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def scales(self, guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
+        """Per-step diffusers guidance scales `g_i = 1 + w_i`, step 0 (noisiest) first, as a float64 tensor.
+
+        `guidance_scale` is diffusers' `g`, so the paper's weight is `w = guidance_scale - 1`. The static
+        schedule returns `guidance_scale` itself on every step, bit for bit, so that static pipelines equal
+        stock ones. Other schedules need `guidance_scale >= 1`.
+        """
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(f"`num_inference_steps` must be an int, got {type(num_inference_steps).__name__}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+        if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() == 1:
+            guidance_scale = guidance_scale.item()
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale}.")
+
+        kind, steps = self.config.kind, num_inference_steps
+        if kind == "static":
+            return torch.full((steps,), float(guidance_scale), dtype=torch.float64)
+        if kind == "custom":
+            return self._custom_scales(steps)
+        if kind == "callable":
+            return self._callable_scales(guidance_scale, steps)
+        if guidance_scale < 1:
+            raise ValueError(
+                f"The {kind!r} schedule needs guidance_scale >= 1 (diffusers' g = 1 + w), got {guidance_scale}."
+            )
+        return 1.0 + self._weights(guidance_scale - 1.0, steps)
+
+    def _weights(self, w: float, steps: int) -> torch.Tensor:
+        """Paper weights w_i for the built-in kinds."""
+        kind = self.config.kind
+        if steps == 1:
+            # A single step has no progress to schedule over: it runs at full weight.
+            return torch.full((1,), w, dtype=torch.float64)
+        progress = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+        if kind in _NORMALISED_SHAPES:
+            return w * _normalised(_NORMALISED_SHAPES[kind](progress))
+        if kind in _CLAMPED_SHAPES:
+            heuristic = w * _normalised(_NORMALISED_SHAPES[_CLAMPED_SHAPES[kind]](progress))
+            return heuristic.clamp(min=self.config.clamp)
+        if kind == "pcs":
+            return w * (1.0 - torch.cos(math.pi * progress.pow(self.config.power))) / 2.0
+        if kind == "interval":
+            start, end = self.config.interval
+            inside = (progress >= start) & (progress <= end)
+            return torch.where(inside, w, 0.0).to(torch.float64)
+        raise AssertionError(f"unhandled kind {kind!r}")  # every kind is handled above
+
+    def _custom_scales(self, steps: int) -> torch.Tensor:
+        values = self.config.values
+        if len(values) != steps:
+            raise ValueError(
+                f"The custom schedule has {len(values)} scales but num_inference_steps is {steps}; "
+                "give exactly one scale per step."
+            )
+        return torch.tensor(values, dtype=torch.float64)
+
+    def _callable_scales(self, guidance_scale: float, steps: int) -> torch.Tensor:
+        scales = [self._scale_function(i, steps, guidance_scale) for i in range(steps)]
+        for i, scale in enumerate(scales):
+            if isinstance(scale, torch.Tensor):
+                scale = scale.item()
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise TypeError(
+                    f"The schedule callable returned {type(scale).__name__} at step {i}, expected a float."
+                )
+            if not math.isfinite(scale) or scale < 1.0:
+                raise ValueError(
+                    f"The schedule callable returned {scale} at step {i}; scales must be finite and >= 1."
+                )
+            scales[i] = float(scale)
+        return torch.tensor(scales, dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        parameters = {
+            key: value
+            for key, value in self.config.items()
+            if value is not None and key != "kind" and not key.startswith("_")
+        }
+        details = "".join(f", {key}={value!r}" for key, value in parameters.items())
+        return f"GuidanceSchedule(kind={self.config.kind!r}{details})"
+
+
+def _normalised(shape: torch.Tensor) -> torch.Tensor:
+    """Rescale a shape to mean 1 over the steps actually run. A shape that is zero everywhere (Lambda with two
+    steps: both ends are zero) falls back to constant weight, which keeps the mean equal to w."""
+    mean = shape.mean()
+    if mean <= 0:
+        return torch.ones_like(shape)
+    return shape / mean
+
+
+def guidance_scales(schedule: GuidanceScheduleLike, guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
+    """Shorthand for `GuidanceSchedule.from_any(schedule).scales(guidance_scale, num_inference_steps)`."""
+    return GuidanceSchedule.from_any(schedule).scales(guidance_scale, num_inference_steps)

