@@ -1,0 +1,435 @@
+"""Class-conditional image generation with classifier-free guidance and per-step guidance schedules.
+
+Works with two kinds of denoiser, both trained with a "null" class for classifier-free guidance:
+
+* a class-conditional `UNet2DModel` (`num_class_embeds = num_classes + 1`, the last index is the null class), in
+  pixel space or, with a `vae`, in latent space;
+* a DiT-style `DiTTransformer2DModel` (`num_embeds_ada_norm = num_classes`, its label table has one extra row for
+  the null class, index `num_classes`, as in DiT), usually with a `vae`.
+
+Usable as `ClassConditionalPipeline.from_pretrained(folder)` and as
+`DiffusionPipeline.from_pretrained(folder, custom_pipeline=storydiff.custom_pipeline_path("class_conditional"),
+trust_remote_code=True)`.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from storydiff.schedulers.guidance_schedule import GuidanceSchedule, GuidanceScheduleLike
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class ClassConditionalPipelineOutput(BaseOutput):
+    """Output of [`ClassConditionalPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
+            The generated images: PIL images, a `(batch, height, width, channels)` array in [0, 1], a
+            `(batch, channels, height, width)` tensor in [0, 1], or the final latents for `output_type="latent"`.
+        class_labels (`list[int]`):
+            The class of each image, in the same order.
+        guidance_scales (`list[float]`):
+            The diffusers guidance scale `g_i` used at each denoising step, step 0 (noisiest) first.
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    class_labels: List[int]
+    guidance_scales: List[float]
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    r"""Class-conditional generation with classifier-free guidance (CFG) and guidance weight schedules.
+
+    CFG follows diffusers: `eps = eps_null + g_i * (eps_class - eps_null)`, with `g_i` the per-step scale from
+    `GuidanceSchedule.from_any(guidance_schedule).scales(guidance_scale, num_inference_steps)`. A step runs CFG when
+    `g_i > 1`; on the other steps the null-class half of the batch is not computed at all, so the denoiser runs on
+    the conditional batch only. The `static` schedule is plain constant CFG.
+
+    Args:
+        scheduler ([`SchedulerMixin`]):
+            Scheduler used to denoise, e.g. [`DDIMScheduler`].
+        unet ([`UNet2DModel`], *optional*):
+            Class-conditional UNet with `num_class_embeds = num_classes + 1`. Give exactly one of `unet` and
+            `transformer`.
+        transformer ([`DiTTransformer2DModel`], *optional*):
+            Class-conditional DiT with `num_embeds_ada_norm = num_classes` (plus its null row).
+        vae ([`AutoencoderKL`], *optional*):
+            Decodes latents into images. Without it the denoiser works in pixel space, in [-1, 1].
+        num_classes (`int`, *optional*):
+            Number of real classes; the null class index is `num_classes`. Defaults to `num_class_embeds - 1` for a
+            UNet and to `num_embeds_ada_norm` for a DiT.
+        id2label (`dict[int, str]`, *optional*):
+            Class names, so that `class_labels` can also be given as names.
+    """
+
+    model_cpu_offload_seq = "transformer->unet->vae"
+    _optional_components = ["unet", "transformer", "vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        scheduler: KarrasDiffusionSchedulers,
+        unet: Optional[UNet2DModel] = None,
+        transformer: Optional[DiTTransformer2DModel] = None,
+        vae: Optional[AutoencoderKL] = None,
+        num_classes: Optional[int] = None,
+        id2label: Optional[Dict[Union[int, str], str]] = None,
+    ):
+        super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("Give exactly one denoiser: either `unet` (UNet2DModel) or `transformer` (DiT).")
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae)
+
+        num_classes = self._check_num_classes(num_classes)
+        id2label = self._check_id2label(id2label, num_classes)
+        self.register_to_config(num_classes=num_classes, id2label=id2label)
+        self._guidance_scales: Optional[torch.Tensor] = None
+        self._guidance_scale: Optional[float] = None
+        self._num_timesteps = 0
+        self._interrupt = False
+
+    # ----------------------------------------------------------------------------------------------- components
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The `unet` or the `transformer`, whichever this pipeline has."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def null_class_label(self) -> int:
+        """Index of the null (unconditional) class used for CFG: `num_classes`."""
+        return self.config.num_classes
+
+    @property
+    def labels(self) -> Dict[str, int]:
+        """Class name -> class index, from `id2label` (empty when the pipeline has no names)."""
+        id2label = self.config.id2label or {}
+        return {name: int(index) for index, name in id2label.items()}
+
+    def _check_num_classes(self, num_classes: Optional[int]) -> int:
+        if self.unet is not None:
+            table_size = self.unet.config.num_class_embeds
+            if table_size is None or self.unet.config.class_embed_type is not None:
+                raise ValueError(
+                    "The UNet is not class-conditional: build it with `num_class_embeds = num_classes + 1` "
+                    "(and `class_embed_type=None`) so that it has a class embedding table with a null class."
+                )
+            largest = table_size - 1
+        else:
+            largest = self.transformer.config.num_embeds_ada_norm
+            if largest is None or self.transformer.config.norm_type != "ada_norm_zero":
+                raise ValueError(
+                    "The transformer is not a class-conditional DiT: it needs `norm_type='ada_norm_zero'` and "
+                    "`num_embeds_ada_norm = num_classes`."
+                )
+        if num_classes is None:
+            num_classes = largest
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"`num_classes` must be an int, got {type(num_classes).__name__}.")
+        if not 1 <= num_classes <= largest:
+            raise ValueError(
+                f"`num_classes` must be between 1 and {largest} for this denoiser (its null class index is "
+                f"`num_classes`), got {num_classes}."
+            )
+        return num_classes
+
+    @staticmethod
+    def _check_id2label(id2label, num_classes: int) -> Optional[Dict[int, str]]:
+        if id2label is None:
+            return None
+        if isinstance(id2label, (list, tuple)):
+            id2label = dict(enumerate(id2label))
+        if not isinstance(id2label, dict):
+            raise TypeError(f"`id2label` must be a dict of class index -> name, got {type(id2label).__name__}.")
+        # JSON stores the keys as strings; keep them as ints in memory and in the saved config alike.
+        checked = {}
+        for index, name in id2label.items():
+            index = int(index)
+            if not 0 <= index < num_classes:
+                raise ValueError(f"`id2label` has index {index}, outside 0..{num_classes - 1}.")
+            checked[index] = str(name)
+        return dict(sorted(checked.items()))
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def guidance_scales(self) -> Optional[torch.Tensor]:
+        """The per-step guidance scales `g_i` used by the last call, step 0 (noisiest) first."""
+        return self._guidance_scales
+
+    @property
+    def guidance_scale(self) -> Optional[float]:
+        """The guidance scale of the current step (during a call) or of the last step (after it)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current step runs the null-class pass."""
+        return self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------- helpers
+
+    def get_label_ids(self, label: Union[str, Sequence[str]]) -> List[int]:
+        """Map class names (from `id2label`) to class indices."""
+        names = [label] if isinstance(label, str) else list(label)
+        labels = self.labels
+        for name in names:
+            if name not in labels:
+                raise ValueError(f"Unknown class name {name!r}. Known names: {', '.join(labels) or '(none)'}.")
+        return [labels[name] for name in names]
+
+    def _class_label_list(self, class_labels) -> List[int]:
+        if isinstance(class_labels, torch.Tensor):
+            if class_labels.ndim > 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+                raise TypeError(
+                    f"`class_labels` as a tensor must be 0-D or 1-D and of integer dtype, got shape "
+                    f"{tuple(class_labels.shape)} and dtype {class_labels.dtype}."
+                )
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, np.ndarray):
+            if class_labels.ndim > 1 or not np.issubdtype(class_labels.dtype, np.integer):
+                raise TypeError("`class_labels` as an array must be 0-D or 1-D and of integer dtype.")
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, np.integer, str)) and not isinstance(class_labels, bool):
+            class_labels = [class_labels]
+        elif not isinstance(class_labels, (list, tuple)):
+            raise TypeError(
+                "`class_labels` must be an int, a class name, or a list / 1-D tensor of them, got "
+                f"{type(class_labels).__name__}."
+            )
+        if len(class_labels) == 0:
+            raise ValueError("`class_labels` is empty; give at least one class.")
+
+        labels = []
+        for label in class_labels:
+            if isinstance(label, str):
+                label = self.get_label_ids(label)[0]
+            elif isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+                raise TypeError(f"Each class label must be an int or a class name, got {type(label).__name__}.")
+            label = int(label)
+            if not 0 <= label < self.config.num_classes:
+                raise ValueError(
+                    f"Class label {label} is out of range: this model has {self.config.num_classes} classes "
+                    f"(0..{self.config.num_classes - 1}); index {self.null_class_label} is the null class used for "
+                    "guidance and cannot be requested."
+                )
+            labels.append(label)
+        return labels
+
+    @staticmethod
+    def _check_positive_int(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+        if value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}.")
+
+    def check_inputs(self, num_images_per_class, num_inference_steps, output_type, callback_tensor_inputs):
+        self._check_positive_int("num_images_per_class", num_images_per_class)
+        self._check_positive_int("num_inference_steps", num_inference_steps)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [name for name in callback_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; this pipeline can pass "
+                f"{self._callback_tensor_inputs}."
+            )
+
+    def _latent_shape(self, batch_size: int):
+        config = self.denoiser.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, height, width)
+
+    def prepare_latents(self, batch_size, dtype, device, generator, latents=None):
+        shape = self._latent_shape(batch_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"`latents` must have shape {shape} (images, channels, height, width), got {tuple(latents.shape)}."
+                )
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator, eta):
+        # Only some schedulers (DDIM) take `eta`, and only some take a generator.
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {}
+        if "eta" in parameters:
+            extra["eta"] = eta
+        if "generator" in parameters:
+            extra["generator"] = generator
+        return extra
+
+    def _predict_noise(self, latents: torch.Tensor, t, class_labels: torch.Tensor) -> torch.Tensor:
+        model_input = self.scheduler.scale_model_input(latents, t)
+        timesteps = t if torch.is_tensor(t) else torch.tensor(t, device=latents.device)
+        timesteps = timesteps.reshape(-1)[:1].to(latents.device).expand(latents.shape[0])
+        if self.unet is not None:
+            output = self.unet(model_input, timesteps, class_labels=class_labels).sample
+        else:
+            output = self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample
+        # A DiT with learned variance predicts [eps, variance]; the samplers here only need eps.
+        channels = latents.shape[1]
+        if output.shape[1] == 2 * channels:
+            output = output[:, :channels]
+        return output
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        if self.vae is not None:
+            scaling_factor = getattr(self.vae.config, "scaling_factor", 1.0)
+            latents = latents.to(self.vae.dtype) / scaling_factor
+            images = self.vae.decode(latents).sample
+        else:
+            images = latents
+        images = (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "pil":
+            images = self.numpy_to_pil(images)
+        return images
+
+    # ---------------------------------------------------------------------------------------------------- call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Union[int, str, Sequence[Union[int, str]], torch.Tensor],
+        num_images_per_class: int = 1,
+        guidance_scale: float = 4.0,
+        guidance_schedule: GuidanceScheduleLike = "static",
+        num_inference_steps: int = 50,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[
+            Union[Callable[[Any, int, Any, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> Union[ClassConditionalPipelineOutput, tuple]:
+        r"""Generate images of the given classes.
+
+        Args:
+            class_labels (`int`, `str`, `list` or 1-D `torch.Tensor`):
+                Classes to generate, as indices `0..num_classes-1` or as names from `id2label`.
+            num_images_per_class (`int`, defaults to 1):
+                Images per entry of `class_labels`; the batch is `len(class_labels) * num_images_per_class`,
+                ordered class by class.
+            guidance_scale (`float`, defaults to 4.0):
+                Diffusers' CFG scale `g = 1 + w`; `g <= 1` turns guidance off with the static schedule.
+            guidance_schedule (`str`, `GuidanceSchedule`, list of scales or callable, defaults to `"static"`):
+                How the scale varies over the steps (see [`GuidanceSchedule`]). Steps with `g_i <= 1` skip the
+                null-class pass.
+            num_inference_steps (`int`, defaults to 50):
+                Number of denoising steps.
+            generator (`torch.Generator` or list of them, *optional*):
+                Makes generation deterministic; a list needs one generator per image.
+            latents (`torch.Tensor`, *optional*):
+                Starting noise of shape `(batch, channels, height, width)`, before scaling by the scheduler's
+                `init_noise_sigma`.
+            eta (`float`, defaults to 0.0):
+                DDIM's eta; ignored by schedulers that do not take it.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"` (`(batch, H, W, C)` in [0, 1]), `"pt"` (`(batch, C, H, W)` in [0, 1]) or `"latent"`.
+            return_dict (`bool`, defaults to `True`):
+                Return a [`ClassConditionalPipelineOutput`] instead of a tuple `(images, class_labels,
+                guidance_scales)`.
+            callback_on_step_end (callable or `PipelineCallback`, *optional*):
+                Called as `callback_on_step_end(self, step_index, timestep, callback_kwargs)` after each step; it may
+                return a dict with replacement tensors (e.g. `latents`).
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                Tensors passed in `callback_kwargs`.
+
+        Example:
+            ```py
+            >>> from storydiff import ClassConditionalPipeline
+            >>> from storydiff.checkpoints import digits_pipeline_path
+            >>> pipe = ClassConditionalPipeline.from_pretrained(digits_pipeline_path())
+            >>> out = pipe(class_labels=[0, 1, 2], guidance_scale=3.0, guidance_schedule="linear",
+            ...            num_inference_steps=25, generator=torch.manual_seed(0), output_type="np")
+            >>> out.images.shape
+            (3, 16, 16, 1)
+            ```
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        self.check_inputs(num_images_per_class, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
+        labels = [label for label in self._class_label_list(class_labels) for _ in range(num_images_per_class)]
+        scales = GuidanceSchedule.from_any(guidance_schedule).scales(guidance_scale, num_inference_steps)
+
+        device = self._execution_device
+        dtype = self.denoiser.dtype
+        batch_size = len(labels)
+        class_tensor = torch.tensor(labels, device=device, dtype=torch.long)
+        null_tensor = torch.full_like(class_tensor, self.null_class_label)
+        class_and_null = torch.cat([class_tensor, null_tensor])
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if len(timesteps) != num_inference_steps:
+            # Second-order schedulers repeat timesteps; a per-step schedule needs one scale per model call.
+            raise ValueError(
+                f"The scheduler runs {len(timesteps)} model evaluations for {num_inference_steps} steps; "
+                "ClassConditionalPipeline needs a first-order scheduler (one evaluation per step), e.g. DDIM."
+            )
+        latents = self.prepare_latents(batch_size, dtype, device, generator, latents)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        self._guidance_scales = scales
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
+            self._guidance_scale = float(scales[i])
+            if self.do_classifier_free_guidance:
+                noise = self._predict_noise(torch.cat([latents, latents]), t, class_and_null)
+                noise_class, noise_null = noise.chunk(2)
+                noise_pred = noise_null + self._guidance_scale * (noise_class - noise_null)
+            else:
+                # No guidance on this step: the null-class half is not computed at all.
+                noise_pred = self._predict_noise(latents, t, class_tensor)
+
+            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+
+            if callback_on_step_end is not None:
+                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = callback_outputs.pop("latents", latents)
+
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        scale_list = [float(scale) for scale in scales]
+        if not return_dict:
+            return (images, labels, scale_list)
+        return ClassConditionalPipelineOutput(images=images, class_labels=labels, guidance_scales=scale_list)
