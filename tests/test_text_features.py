@@ -47,8 +47,7 @@ def test_clip_pooled_is_eot_token_after_final_norm(tmp_path):
 
 def test_clip_with_projection_uses_text_transformer(tmp_path):
     text_encoder, tokenizer = tiny_clip(tmp_path, with_projection=True)
-    plain = CLIPTextModel(text_encoder.config).eval()
-    plain.text_model.load_state_dict(text_encoder.text_model.state_dict())
+    plain = text_encoder.text_model  # the un-projected CLIPTextModel inside
     a = encode_text(text_encoder, tokenizer, "booms top")
     b = encode_text(plain, tokenizer, "booms top")
     torch.testing.assert_close(a.pooled, b.pooled)
