@@ -7,14 +7,18 @@ Convention (pinned down here, tested in tests/test_guidance_schedule.py, documen
   They are the same when ``g = 1 + w``. ``guidance_scale`` is always diffusers' ``g``; the shapes act on
   ``w = guidance_scale - 1``; :meth:`GuidanceSchedule.scales` returns diffusers scales ``g_i = 1 + w_i``.
 * With ``N`` steps run, step ``i = 0 .. N-1`` (``i = 0`` is the noisiest) has sampling progress
-  ``s_i = i / (N - 1)`` and paper time ``t/T = 1 - s_i``. A single step (``N = 1``) runs at full weight ``w``.
+  ``s_i = i / (N - 1)`` and paper time ``t/T = 1 - s_i``. A single step (``N = 1``) runs at full weight ``w``
+  (floored by the clamp of the clamp kinds).
 * Normalised kinds (linear, invlinear, cosine, sine, v-shape, lambda-shape) are rescaled over the steps
-  actually run so that ``mean(w_i) == w``: the schedule redistributes guidance, it does not add any.
+  actually run so that ``mean(w_i) == w``: the schedule redistributes guidance, it does not add any. Lambda is
+  zero at both ends, so with ``N = 2`` it has no area and falls back to the constant weight ``w``.
 * Increasing kinds (linear, cosine, pcs) start at ``w_0 = 0``, so the first step needs no unconditional
   pass; pipelines skip the unconditional half of the batch on every step where ``w_i == 0``.
 """
 
+import inspect
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -62,7 +66,8 @@ class GuidanceSchedule(ConfigMixin):
             SD1.5 and 0.1 for SDXL.
         clamp (`float`, *optional*):
             Floor `c >= 0` of the clamp kinds, in the paper's `w` units (`w = guidance_scale - 1`):
-            `w_i = max(c, w_i(heuristic))`. The paper's best values are 2 for SD1.5 and 4 for SDXL.
+            `w_i = max(c, w_i(heuristic))`, where the heuristic is the normalised linear or cosine schedule. The
+            paper's best values are 2 for SD1.5 and 4 for SDXL. The floor applies even at `guidance_scale = 1`.
         interval (`tuple[float, float]`, *optional*):
             `(start, end)` with `0 <= start < end <= 1`, a window of sampling progress `s_i`. Steps inside it
             (`start <= s_i <= end`) use the full weight `w`, steps outside use no guidance at all (Kynkaanniemi
@@ -70,6 +75,12 @@ class GuidanceSchedule(ConfigMixin):
         values (`list[float]`, *optional*):
             Per-step diffusers guidance scales `g_i >= 1` for `custom`, step 0 (noisiest) first. Their length must
             equal `num_inference_steps`; `guidance_scale` is then ignored.
+
+    Convention: with `N` steps, step `i` (0 = noisiest) has progress `s_i = i / (N - 1)`, the paper's diffusion
+    time is `t/T = 1 - s_i`, and the shapes act on the paper's weight `w = guidance_scale - 1`, giving diffusers
+    scales `g_i = 1 + w_i`. Shapes as functions of `s` (before normalisation to mean `w`): linear `s`, invlinear
+    `1 - s`, cosine `1 - cos(pi s)`, sine `1 + cos(pi s)`, v-shape `|1 - 2s|`, lambda-shape `1 - |1 - 2s|`.
+    `N = 1` runs at full weight.
 
     Example:
         ```py
@@ -97,12 +108,20 @@ class GuidanceSchedule(ConfigMixin):
                 f"Unknown guidance schedule kind {kind!r}. Valid kinds: {', '.join(GUIDANCE_SCHEDULE_KINDS)}."
             )
         self._check_parameters(kind, power, clamp, interval, values)
+        # Store plain floats so that tuples, numpy values or tensors given by the user save as JSON.
+        if interval is not None:
+            self.register_to_config(interval=[float(bound) for bound in interval])
+        if values is not None:
+            self.register_to_config(values=[float(value) for value in values])
+        _fix_use_default_values(self)
         self._scale_function: Optional[ScaleFunction] = None
 
     @staticmethod
     def _check_parameters(kind, power, clamp, interval, values):
         def finite_number(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
             if not math.isfinite(value):
                 raise ValueError(f"`{name}` must be finite, got {value}.")
@@ -130,7 +149,9 @@ class GuidanceSchedule(ConfigMixin):
             unused("clamp", clamp)
 
         if kind == "interval":
-            if interval is None or isinstance(interval, str) or len(interval) != 2:
+            if interval is not None and not isinstance(interval, (list, tuple)):
+                raise TypeError(f"`interval` must be a (start, end) pair, got {type(interval).__name__}.")
+            if interval is None or len(interval) != 2:
                 raise ValueError(f"The 'interval' schedule needs `interval=(start, end)`, got {interval!r}.")
             for bound in interval:
                 finite_number("interval", bound)
@@ -141,11 +162,15 @@ class GuidanceSchedule(ConfigMixin):
             unused("interval", interval)
 
         if kind == "custom":
-            if values is None or isinstance(values, str) or len(values) == 0:
+            if isinstance(values, torch.Tensor):
+                values = values.tolist() if values.ndim == 1 else values
+            if values is not None and not isinstance(values, (list, tuple)):
+                raise TypeError(f"`values` must be a list of per-step scales, got {type(values).__name__}.")
+            if values is None or len(values) == 0:
                 raise ValueError("The 'custom' schedule needs a non-empty list of per-step scales in `values`.")
             for value in values:
                 finite_number("values", value)
-            if min(values) < 1.0:
+            if min(float(value) for value in values) < 1.0:
                 raise ValueError(
                     f"Per-step guidance scales must be >= 1 (1 turns guidance off for that step), got {min(values)}."
                 )
@@ -180,6 +205,8 @@ class GuidanceSchedule(ConfigMixin):
             return cls(kind="custom", values=schedule.tolist())
         if isinstance(schedule, (list, tuple)):
             return cls(kind="custom", values=list(schedule))
+        if type(schedule).__module__ == "numpy" and hasattr(schedule, "tolist"):  # numpy array, without importing it
+            return cls.from_any(torch.as_tensor(schedule))
         if callable(schedule):
             return cls.from_callable(schedule)
         raise TypeError(
@@ -209,10 +236,11 @@ class GuidanceSchedule(ConfigMixin):
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
         if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() == 1:
             guidance_scale = guidance_scale.item()
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
             raise TypeError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
         if not math.isfinite(guidance_scale):
             raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale}.")
+        guidance_scale = float(guidance_scale)
 
         kind, steps = self.config.kind, num_inference_steps
         if kind == "static":
@@ -231,9 +259,11 @@ class GuidanceSchedule(ConfigMixin):
         """Paper weights w_i for the built-in kinds."""
         kind = self.config.kind
         if steps == 1:
-            # A single step has no progress to schedule over: it runs at full weight.
-            return torch.full((1,), w, dtype=torch.float64)
-        progress = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+            # A single step has no progress to schedule over: it runs at full weight (still floored by a clamp).
+            full = torch.full((1,), w, dtype=torch.float64)
+            return full.clamp(min=self.config.clamp) if kind in _CLAMPED_SHAPES else full
+        # i / (N - 1) rounded once, so that a fraction such as 0.7 compares equal to the literal 0.7 in `interval`
+        progress = torch.arange(steps, dtype=torch.float64) / (steps - 1)
         if kind in _NORMALISED_SHAPES:
             return w * _normalised(_NORMALISED_SHAPES[kind](progress))
         if kind in _CLAMPED_SHAPES:
@@ -257,11 +287,16 @@ class GuidanceSchedule(ConfigMixin):
         return torch.tensor(values, dtype=torch.float64)
 
     def _callable_scales(self, guidance_scale: float, steps: int) -> torch.Tensor:
+        if self._scale_function is None:
+            raise ValueError(
+                "This 'callable' schedule has no function (it was built from a config); use "
+                "GuidanceSchedule.from_callable(function)."
+            )
         scales = [self._scale_function(i, steps, guidance_scale) for i in range(steps)]
         for i, scale in enumerate(scales):
-            if isinstance(scale, torch.Tensor):
+            if isinstance(scale, torch.Tensor) and scale.numel() == 1:
                 scale = scale.item()
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
                 raise TypeError(
                     f"The schedule callable returned {type(scale).__name__} at step {i}, expected a float."
                 )
@@ -280,6 +315,20 @@ class GuidanceSchedule(ConfigMixin):
         }
         details = "".join(f", {key}={value!r}" for key, value in parameters.items())
         return f"GuidanceSchedule(kind={self.config.kind!r}{details})"
+
+
+def _fix_use_default_values(config_object: ConfigMixin) -> None:
+    """diffusers' `register_to_config` lists positional arguments among the values "left at their default", and
+    `from_config` then drops them: `from_config(GuidanceSchedule("linear").config)` would build a static schedule.
+    Record as defaults only the values that really equal their default."""
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(type(config_object).__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    config = config_object.config
+    used_defaults = [name for name, default in defaults.items() if name in config and config[name] == default]
+    config_object.register_to_config(_use_default_values=used_defaults)
 
 
 def _normalised(shape: torch.Tensor) -> torch.Tensor:
