@@ -108,6 +108,7 @@ def tiny_sd_components(
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
     )
     return {
         "unet": unet.eval(),
