@@ -309,6 +309,8 @@ class DirectorModel(ModelMixin, ConfigMixin, AttentionMixin):
                 never attended to and never change the valid frames' outputs. `None` means all frames are valid.
             return_dict (`bool`, defaults to `True`): return a [`DirectorModelOutput`] rather than a tuple.
         """
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"`sample` must be a torch.Tensor, got {type(sample).__name__}.")
         sigma = torch.as_tensor(sigma, device=sample.device, dtype=torch.float32)
         if sigma.ndim == 0 or sigma.numel() == 1:
             sigma = sigma.reshape(1).expand(sample.shape[0])
