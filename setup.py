@@ -5,7 +5,7 @@ top level). ``package_dir`` maps those folders under the ``storydiff`` import na
 installed into site-packages under a generic top-level name such as ``models``.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 NAMESPACE_FOLDERS = {
     "storydiff": "storydiff",
@@ -50,7 +50,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=list(NAMESPACE_FOLDERS),
+    # sub-packages of storydiff/ (e.g. storydiff.trajectories, storydiff.data) ship in wheels too
+    packages=list(NAMESPACE_FOLDERS) + [f"storydiff.{name}" for name in find_packages("storydiff")],
     package_dir=NAMESPACE_FOLDERS,
     package_data={"storydiff": ["checkpoints/**/*"]},
     include_package_data=True,
