@@ -143,6 +143,9 @@ class CLaTrModel(ModelMixin, ConfigMixin):
         temperature: InfoNCE softmax temperature (0.1).
         duplicate_threshold: in-batch pairs whose pooled caption features have a cosine similarity above this are
             not used as negatives (0.99, the reference's `threshold_selfsim` 0.995 mapped from [0, 1] to [-1, 1]).
+        text_encoder_id: which text encoder produced the token features the model was trained on (a Hub id, or
+            "all-MiniLM-L6-v2" for the offline MiniLM), recorded so that evaluation uses the same one. The tokens
+            come from `storydiff.text_features.encode_text`.
     """
 
     config_name = "config.json"
@@ -164,6 +167,7 @@ class CLaTrModel(ModelMixin, ConfigMixin):
         contrastive_weight: float = 0.1,
         temperature: float = 0.1,
         duplicate_threshold: float = 0.99,
+        text_encoder_id: str | None = None,
     ):
         super().__init__()
         if latent_dim % num_heads:
