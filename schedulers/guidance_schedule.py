@@ -317,6 +317,20 @@ class GuidanceSchedule(ConfigMixin):
         return f"GuidanceSchedule(kind={self.config.kind!r}{details})"
 
 
+def _schedule_from_arguments(
+    guidance_schedule: GuidanceScheduleLike, power, clamp, interval, values
+) -> GuidanceSchedule:
+    """The schedule of a component that takes `guidance_schedule` plus the parameters of a kind (guider, callback)."""
+    if isinstance(guidance_schedule, str):
+        return GuidanceSchedule(guidance_schedule, power=power, clamp=clamp, interval=interval, values=values)
+    if any(parameter is not None for parameter in (power, clamp, interval, values)):
+        raise ValueError(
+            "`power`, `clamp`, `interval` and `values` go with a schedule kind name; leave them None when "
+            f"`guidance_schedule` is a {type(guidance_schedule).__name__}."
+        )
+    return GuidanceSchedule.from_any(guidance_schedule)
+
+
 def _fix_use_default_values(config_object: ConfigMixin) -> None:
     """diffusers' `register_to_config` lists positional arguments among the values "left at their default", and
     `from_config` then drops them: `from_config(GuidanceSchedule("linear").config)` would build a static schedule.
