@@ -128,7 +128,7 @@ def full_caption(camera_labels, character_labels, rng: np.random.Generator) -> s
     """Camera + character caption (E.T.'s `caption/`): each camera segment with what the character does."""
     character_segments = segments_from_labels(character_labels)
     noun = _pick(rng, _CHARACTER_NOUNS)
-    clauses = []
+    clauses, previous_link = [], ""
     camera_segments = segments_from_labels(camera_labels)
     for index, (start, end, label) in enumerate(camera_segments):
         character_label = _overlapping_label(character_segments, start, end)
@@ -148,23 +148,25 @@ def full_caption(camera_labels, character_labels, rng: np.random.Generator) -> s
             )
         else:
             link = _pick(rng, [f" while {noun} {action}", f" as {noun} {action}", f"; meanwhile {noun} {action}"])
+        openings = ["The camera {cam}{link}", "The camera {cam}{link}"]
+        if len(camera_segments) > 1:
+            openings.append("At first the camera {cam}{link}")
+        # after a clause with its own sub-clause ("; meanwhile ...", ", who ..."), start a new sentence
+        new_sentence_only = index > 0 and (";" in previous_link or ", who" in previous_link)
         if index == 0:
-            template = _pick(
-                rng, ["The camera {cam}{link}", "The camera {cam}{link}", "At first the camera {cam}{link}"]
-            )
-            clauses.append(template.format(cam=present, link=link))
-        elif rng.random() < 0.3 and not link.startswith(";"):
-            clauses.append(
-                _pick(rng, [", followed by {gerund}{link}", ", before {gerund}{link}"]).format(
-                    gerund=gerund, link=link
-                )
-            )
+            clauses.append(_pick(rng, openings).format(cam=present, link=link))
+        elif not new_sentence_only and rng.random() < 0.3 and ";" not in link:
+            templates = [", followed by {gerund}{link}", ", before {gerund}{link}"]
+            clauses.append(_pick(rng, templates).format(gerund=gerund, link=link))
         else:
             last = (
                 ". Finally, the camera {cam}{link}" if index == len(camera_segments) - 1 else ". Next, it {cam}{link}"
             )
-            templates = [", then {cam}{link}", ". Then it {cam}{link}", ". After that, the camera {cam}{link}", last]
+            templates = [". Then it {cam}{link}", ". After that, the camera {cam}{link}", last]
+            if not new_sentence_only:
+                templates.append(", then {cam}{link}")
             clauses.append(_pick(rng, templates).format(cam=present, link=link))
+        previous_link = link
     return "".join(clauses) + "."
 
 

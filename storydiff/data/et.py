@@ -120,17 +120,26 @@ def _check_folders(root: str) -> None:
         raise FileNotFoundError(f"{root} is not an E.T. dataset folder: missing sub-folder(s) {', '.join(missing)}.")
 
 
-def _dataset_from_ids(root: str, ids: Sequence[str], max_samples: Optional[int], description: str):
+def _dataset_from_ids(
+    root: str, ids: Sequence[str], max_samples: Optional[int], description: str, chunk_size: int = 2000
+):
     import datasets
 
     _check_folders(root)
     if max_samples is not None:
         ids = list(ids)[:max_samples]
-    rows = {name: [] for name in _features()}
-    for sample_id in tqdm(ids, desc=description, disable=len(ids) < 1000):
+    features = _features()
+    # Arrow tables are built a chunk at a time so that the full E.T. (115K samples) never sits in Python lists
+    parts, rows = [], {name: [] for name in features}
+    for index, sample_id in enumerate(tqdm(ids, desc=description, disable=len(ids) < 1000)):
         for name, value in load_et_sample(root, sample_id).items():
             rows[name].append(value)
-    return datasets.Dataset.from_dict(rows, features=_features())
+        if (index + 1) % chunk_size == 0:
+            parts.append(datasets.Dataset.from_dict(rows, features=features))
+            rows = {name: [] for name in features}
+    if rows["id"] or not parts:
+        parts.append(datasets.Dataset.from_dict(rows, features=features))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def load_et(root: PathLike, split: str = "train", subset: str = "full", max_samples: Optional[int] = None):

@@ -46,26 +46,33 @@ def load_kitti(path: PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"KITTI trajectory file not found: {path}")
-    poses = []
     with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 12:
-                raise ValueError(f"{path}, line {line_number}: expected 12 numbers (a 3x4 pose), got {len(fields)}.")
-            try:
-                values = np.array([float(field) for field in fields], dtype=np.float64)
-            except ValueError:
-                raise ValueError(f"{path}, line {line_number}: not a number in {line.strip()!r}.") from None
-            if not np.isfinite(values).all():
-                raise ValueError(f"{path}, line {line_number}: NaN or infinite value.")
-            pose = np.eye(4)
-            pose[:3] = values.reshape(3, 4)
-            poses.append(pose)
-    if not poses:
+        rows = [(number, line.split()) for number, line in enumerate(file, start=1) if line.strip()]
+    if not rows:
         raise ValueError(f"{path}: empty KITTI trajectory file (no poses).")
-    return np.stack(poses)
+    try:  # fast path: the whole file at once; on failure find the offending line for the message
+        values = np.array([fields for _, fields in rows], dtype=np.float64)
+        valid = values.ndim == 2 and values.shape[1] == 12 and np.isfinite(values).all()
+    except ValueError:
+        valid = False
+    if not valid:
+        for number, fields in rows:
+            _check_kitti_line(path, number, fields)
+        values = np.array([[float(field) for field in fields] for _, fields in rows])
+    poses = np.tile(np.eye(4), (len(values), 1, 1))
+    poses[:, :3] = values.reshape(-1, 3, 4)
+    return poses
+
+
+def _check_kitti_line(path: str, line_number: int, fields) -> None:
+    if len(fields) != 12:
+        raise ValueError(f"{path}, line {line_number}: expected 12 numbers (a 3x4 pose), got {len(fields)}.")
+    try:
+        values = np.array([float(field) for field in fields])
+    except ValueError:
+        raise ValueError(f"{path}, line {line_number}: not a number in {' '.join(fields)!r}.") from None
+    if not np.isfinite(values).all():
+        raise ValueError(f"{path}, line {line_number}: NaN or infinite value.")
 
 
 def to_json(poses, fps: float = 25.0, character=None) -> str:
