@@ -83,7 +83,8 @@ class DynamicCFGStableDiffusionPipeline(StableDiffusionPipeline):
     @property
     def guidance_scales(self) -> Optional[torch.Tensor]:
         """Per-step diffusers guidance scales `g_i` (float64, step 0 the noisiest) of the last call, or None before
-        the first call. Steps with scale 1 ran without the unconditional pass."""
+        the first call. With classifier-free guidance on (`guidance_scale > 1`), steps with scale 1 ran without
+        the unconditional pass."""
         return getattr(self, "_guidance_scales", None)
 
     @torch.no_grad()
@@ -298,7 +299,6 @@ class DynamicCFGStableDiffusionPipeline(StableDiffusionPipeline):
                 step_guidance_scale = (
                     self.guidance_scale if guidance_schedule.is_static else guidance_scales[step_indices[i]].item()
                 )
-                # A step with g_i == 1 needs no unconditional prediction: run the conditional half only.
                 guide_this_step = self.do_classifier_free_guidance and step_guidance_scale != 1
 
                 if guide_this_step:
