@@ -189,3 +189,25 @@ def test_reader_corrupt_and_missing_files(synthetic_root, tmp_path):
     shutil.rmtree(copy / "char")
     with pytest.raises(FileNotFoundError, match="missing sub-folder"):
         load_et(copy)
+
+
+def test_moving_segments_ease_in_and_out_without_changing_their_tags():
+    from storydiff.trajectories import camera_velocities
+
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(40):
+        sample = generate_synthetic_sample(rng, 200, relation="ignore")
+        speed = np.linalg.norm(camera_velocities(sample.camera_poses), axis=1)
+        segments = segments_from_labels(sample.planned_camera_labels)
+        for (start, end, label), (*_, next_label) in zip(segments, segments[1:]):
+            if label != 0 and next_label == 0:  # a move that comes to a stop slows down first
+                middle = np.median(speed[start + 10 : end - 10])
+                assert speed[end - 1] < 0.5 * middle and speed[end - 1] > 0.02
+                checked += 1
+        assert np.array_equal(
+            tag_camera_motion(sample.camera_poses, postprocess=False) != 0, sample.planned_camera_labels != 0
+        )
+    assert checked >= 3
+    with pytest.raises(ValueError, match="relation"):
+        generate_synthetic_sample(rng, 50, relation="orbit")

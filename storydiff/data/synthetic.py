@@ -197,8 +197,13 @@ def generate_synthetic_sample(
     pure_probability: float = 0.45,
     sample_id: Optional[str] = None,
     relation: Optional[str] = None,
+    transition_frames: int = 8,
 ) -> SyntheticSample:
-    """Generates one sample of `num_frames` frames (tags and captions included)."""
+    """Generates one sample of `num_frames` frames (tags and captions included).
+
+    Segments last at least `min_segment_frames`; moving segments ease in and out over `transition_frames`
+    frames at their boundaries; `relation` forces "follow", "lead" or "ignore" (random by default).
+    """
     if num_frames < 2:
         raise ValueError(f"num_frames must be at least 2, got {num_frames}.")
     if relation is not None and relation not in RELATIONS:
@@ -212,7 +217,7 @@ def generate_synthetic_sample(
             1 if (max_segments == 1 or rng.random() < pure_probability) else int(rng.integers(2, max_segments + 1))
         )
         lengths = _segment_lengths(rng, steps, num_segments, min_segment_frames)
-        plan = _plan(rng, relation, lengths, steps, min_segment_frames)
+        plan = _plan(rng, relation, lengths, steps, min_segment_frames, transition_frames)
         if plan is not None:
             break
     else:  # pragma: no cover - the plans above have wide margins
@@ -250,7 +255,7 @@ def _kitti_round_trip(poses: np.ndarray) -> np.ndarray:
     return rounded
 
 
-def _plan(rng, relation, lengths, steps, min_segment_frames):
+def _plan(rng, relation, lengths, steps, min_segment_frames, transition_frames):
     """Returns (poses, character positions, planned camera labels, planned character labels) or None when
     the draw does not leave safe margins around the tagger's thresholds."""
     camera_start = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-0.8, 0.1), -rng.uniform(2.5, 5.0)])
@@ -267,34 +272,40 @@ def _plan(rng, relation, lengths, steps, min_segment_frames):
         if all(label == STATIC for label in classes):
             classes[0] = int(rng.choice(walks))
         speeds = [rng.uniform(0.6, 1.4) for _ in classes]
-        character_plan = _per_frame(lengths, [_class_velocity(rng, c, s, 0.15) for c, s in zip(classes, speeds)])
+        velocities = [_class_velocity(rng, c, s, 0.15) for c, s in zip(classes, speeds)]
+        character_plan = _per_frame(lengths, velocities)
+        envelope = _speed_envelope(velocities, lengths, 2.5 * CHARACTER_STATIC_THRESHOLD, transition_frames)
         # the camera keeps its offset to the character: same world velocity, fixed look-at rotation
         rotation = (
             look_at(camera_start, rng.uniform(-0.2, 0.2, size=3)) if rng.random() < 0.5 else _fixed_rotation(rng)
         )
         camera_plan_camera_axes = character_plan @ rotation  # R^T v for each row
-        if not _has_margin(camera_plan_camera_axes, CAMERA_STATIC_THRESHOLD, CAMERA_DOMINANCE_THRESHOLD):
+        planned_camera = label_velocities(camera_plan_camera_axes, CAMERA_STATIC_THRESHOLD, CAMERA_DOMINANCE_THRESHOLD)
+        eased_camera = camera_plan_camera_axes * envelope
+        if not _has_margin(eased_camera, CAMERA_STATIC_THRESHOLD, CAMERA_DOMINANCE_THRESHOLD) or not np.array_equal(
+            label_velocities(eased_camera, CAMERA_STATIC_THRESHOLD, CAMERA_DOMINANCE_THRESHOLD), planned_camera
+        ):
             return None
-        character_velocity = character_plan * character_gain + character_jitter
-        camera_world_velocity = character_plan * _smooth_gain(rng, steps, 0.03) + camera_jitter @ rotation.T
+        character_velocity = character_plan * envelope * character_gain + character_jitter
+        camera_world_velocity = character_plan * envelope * _smooth_gain(rng, steps, 0.03) + camera_jitter @ rotation.T
         character = _integrate(character_velocity)
         positions = camera_start + _integrate(camera_world_velocity)
         rotations = np.repeat(rotation[None], steps + 1, axis=0)
-        planned_camera = label_velocities(camera_plan_camera_axes, CAMERA_STATIC_THRESHOLD, CAMERA_DOMINANCE_THRESHOLD)
     else:
         camera_classes = _distinct_sequence(rng, len(lengths), lambda: _draw_camera_class(rng))
-        camera_plan = _per_frame(
-            lengths, [_class_velocity(rng, c, rng.uniform(0.3, 1.2), 0.2) for c in camera_classes]
-        )
+        camera_velocities = [_class_velocity(rng, c, rng.uniform(0.3, 1.2), 0.2) for c in camera_classes]
+        camera_plan = _per_frame(lengths, camera_velocities)
+        camera_envelope = _speed_envelope(camera_velocities, lengths, 5 * CAMERA_STATIC_THRESHOLD, transition_frames)
         character_segments = 1 if steps < 2 * min_segment_frames or rng.random() < 0.5 else 2
         character_lengths = _segment_lengths(rng, steps, character_segments, min_segment_frames)
         character_classes = _distinct_sequence(rng, character_segments, lambda: _draw_character_class(rng))
-        character_plan = _per_frame(
-            character_lengths,
-            [_class_velocity(rng, c, rng.uniform(0.5, 1.4), 0.15) for c in character_classes],
+        character_velocities = [_class_velocity(rng, c, rng.uniform(0.5, 1.4), 0.15) for c in character_classes]
+        character_plan = _per_frame(character_lengths, character_velocities)
+        character_envelope = _speed_envelope(
+            character_velocities, character_lengths, 2.5 * CHARACTER_STATIC_THRESHOLD, transition_frames
         )
-        character = _integrate(character_plan * character_gain + character_jitter)
-        camera_velocity = camera_plan * camera_gain + camera_jitter  # in camera axes
+        character = _integrate(character_plan * character_envelope * character_gain + character_jitter)
+        camera_velocity = camera_plan * camera_envelope * camera_gain + camera_jitter  # in camera axes
         positions = rotations = None
         if rng.random() < 0.4:
             positions, rotations = _integrate_looking_at(camera_start, camera_velocity, character)
@@ -306,6 +317,28 @@ def _plan(rng, relation, lengths, steps, min_segment_frames):
         planned_camera = label_velocities(camera_plan, CAMERA_STATIC_THRESHOLD, CAMERA_DOMINANCE_THRESHOLD)
     planned_character = label_velocities(character_plan, CHARACTER_STATIC_THRESHOLD, CHARACTER_DOMINANCE_THRESHOLD)
     return _poses(rotations, positions), character, planned_camera, planned_character
+
+
+def _speed_envelope(segment_velocities, lengths, min_speed: float, width: int) -> np.ndarray:
+    """Per-frame speed factor `(steps, 1)`: each moving segment slows down smoothly over `width` frames
+    towards its boundaries with other segments (camera operators ease in and out of moves), never letting
+    an active axis drop below `min_speed`. Scaling a whole velocity keeps its direction, so the tag of every
+    frame stays the planned one, while the jump at a boundary becomes smaller."""
+    envelope = []
+    for index, (velocity, length) in enumerate(zip(segment_velocities, lengths)):
+        factor = np.ones(length)
+        active = np.abs(velocity)[np.abs(velocity) > 0]
+        ramp_length = min(width, length // 2)
+        if active.size and ramp_length > 0:
+            floor = min(1.0, min_speed / active.min())
+            phase = (np.arange(ramp_length) + 0.5) / ramp_length
+            ramp = floor + (1.0 - floor) * 0.5 * (1.0 - np.cos(np.pi * phase))  # floor -> 1
+            if index > 0:
+                factor[:ramp_length] = ramp
+            if index < len(lengths) - 1:
+                factor[length - ramp_length :] = np.minimum(factor[length - ramp_length :], ramp[::-1])
+        envelope.append(factor)
+    return np.concatenate(envelope)[:, None]
 
 
 def _fixed_rotation(rng) -> np.ndarray:
@@ -367,6 +400,7 @@ def make_synthetic_et(
     test_fraction: float = 0.1,
     min_segment_frames: int = 30,
     pure_probability: float = 0.45,
+    transition_frames: int = 8,
     overwrite: bool = False,
     show_progress: Optional[bool] = None,
 ) -> Dict[str, object]:
@@ -409,7 +443,12 @@ def make_synthetic_et(
             sample_id = _random_id(rng)
         used.add(sample_id)
         sample = generate_synthetic_sample(
-            rng, int(rng.integers(low, high + 1)), min_segment_frames, pure_probability, sample_id=sample_id
+            rng,
+            int(rng.integers(low, high + 1)),
+            min_segment_frames,
+            pure_probability,
+            sample_id=sample_id,
+            transition_frames=transition_frames,
         )
         write_et_sample(root, sample)
         ids.append(sample.id)
