@@ -1,5 +1,7 @@
 """A `callback_on_step_end` that applies a `GuidanceSchedule` to stock diffusers pipelines."""
 
+import functools
+import inspect
 import math
 from typing import Any, Optional, Sequence
 
@@ -29,9 +31,13 @@ NEAR_UNGUIDED_SCALE = 1.0 + 2.0**-20
 class GuidanceScheduleCallback(PipelineCallback):
     r"""Applies a [`GuidanceSchedule`] to a stock diffusers pipeline through `callback_on_step_end`.
 
-    Works with the classic pipelines that concatenate the CFG batch once and read `self._guidance_scale` on every step:
-    `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their img2img and ControlNet variants, `AnimateDiffPipeline`
-    and others with the same loop.
+    Works with the classic pipelines that concatenate the CFG batch once and weigh it with `self.guidance_scale` on
+    every step: `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, their img2img and inpainting variants,
+    `StableDiffusionControlNetPipeline`, `AnimateDiffSDXLPipeline`. Some diffusers pipelines weigh with their
+    `guidance_scale` argument instead (`StableDiffusionControlNetImg2ImgPipeline`, the SDXL ControlNet pipelines,
+    `AnimateDiffPipeline` and most AnimateDiff variants): there the callback can only switch guidance off for some
+    steps (every scale must be 1 or the pipeline's `guidance_scale`, as with `interval`), and it raises a `ValueError`
+    for other schedules. AnimateDiff pipelines also need `callback_on_step_end_tensor_inputs=callback.tensor_inputs`.
 
     ```py
     >>> callback = GuidanceScheduleCallback("linear", guidance_scale=7.5, pipeline=pipe)
@@ -216,6 +222,16 @@ class GuidanceScheduleCallback(PipelineCallback):
                 )
             return
         self._check_tensor_inputs(pipeline, callback_kwargs, needs_swap=bool((later_scales <= 1.0).any()))
+        guided_scales = later_scales[later_scales > 1.0]
+        if not _reads_guidance_scale_attribute(type(pipeline)) and (guided_scales != call_scale).any():
+            raise ValueError(
+                f"{type(pipeline).__name__} weighs its predictions with the `guidance_scale` argument of `__call__`, "
+                "not with `pipeline.guidance_scale`, so a callback cannot change its scale. On this pipeline the "
+                f"callback can only switch guidance off for some steps: every scheduled scale must be 1 or the "
+                f"pipeline's guidance_scale ({call_scale}), as with the 'interval' schedule; got "
+                f"{sorted(set(guided_scales.tolist()))[:5]}. Use storydiff's DynamicCFG pipelines or the modular guider "
+                "for other schedules."
+            )
 
         wanted_first_scale = scales[0].item() if scales[0].item() > 1.0 else NEAR_UNGUIDED_SCALE
         if call_scale != wanted_first_scale and not self._warned_about_first_step:
@@ -241,13 +257,15 @@ class GuidanceScheduleCallback(PipelineCallback):
             tensor = callback_kwargs.get(name)
             if tensor is None:
                 raise ValueError(
-                    f"The pipeline did not pass `{name}` to the callback; use this callback through "
-                    "`callback_on_step_end=` so that the pipeline reads its `tensor_inputs`."
+                    f"The pipeline did not pass `{name}` to the callback. Pass "
+                    "`callback_on_step_end_tensor_inputs=callback.tensor_inputs` too: some pipelines (AnimateDiff) do "
+                    "not read them from the callback."
                 )
             if tensor.shape[0] % 2:
                 raise ValueError(f"`{name}` has an odd batch size {tensor.shape[0]}: it is not a CFG batch.")
 
     def _replace_unconditional_half(self, callback_kwargs):
+        # Both halves then hold the conditional inputs, so u == c and the guided u + g (c - u) is exactly c.
         if self._original_inputs is not None:
             return
         self._original_inputs = {}
@@ -262,3 +280,15 @@ class GuidanceScheduleCallback(PipelineCallback):
             return
         callback_kwargs.update(self._original_inputs)
         self._original_inputs = None
+
+
+@functools.cache
+def _reads_guidance_scale_attribute(pipeline_class) -> bool:
+    """Whether the denoising loop multiplies by `self.guidance_scale` (which the callback can change) rather than by
+    the `guidance_scale` argument of `__call__` (as diffusers' ControlNet img2img, SDXL ControlNet and most AnimateDiff
+    pipelines do). Without readable source we trust the pipeline."""
+    try:
+        source = inspect.getsource(pipeline_class.__call__)
+    except (OSError, TypeError):
+        return True
+    return "self.guidance_scale *" in source or "self._guidance_scale *" in source or " guidance_scale *" not in source

@@ -5,7 +5,12 @@ import logging
 import pytest
 import torch
 from diffusers import (
+    AnimateDiffPipeline,
+    ControlNetModel,
     HeunDiscreteScheduler,
+    MotionAdapter,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -448,3 +453,69 @@ def test_guider_in_a_modular_sdxl_pipeline(tmp_path):
     # guidance only in the second half: 2 of 4 steps without the unconditional pass, (2N - k) / 2N = 6 / 8
     _, interval_calls = run(DynamicClassifierFreeGuidance(5.0, guidance_schedule="interval", interval=(0.5, 1.0)))
     assert len(interval_calls) == 6
+
+
+@pytest.fixture(scope="module")
+def controlnet(sd_pipe):
+    torch.manual_seed(0)
+    # the tiny VAE downsamples by 2, so the condition embedding must too
+    return ControlNetModel.from_unet(sd_pipe.unet, conditioning_embedding_out_channels=(4, 8)).eval()
+
+
+def test_sd_controlnet(sd_pipe, controlnet):
+    pipe = StableDiffusionControlNetPipeline(**sd_pipe.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    callback = GuidanceScheduleCallback("cosine", guidance_scale=4.0, num_inference_steps=4, pipeline=pipe)
+    with GuidanceRecorder(pipe) as recorder:
+        generate(
+            pipe,
+            callback,
+            guidance_scale=callback.first_step_guidance_scale(),
+            num_inference_steps=4,
+            image=torch.rand(1, 3, 32, 32),
+        )
+    assert_scales(recorder.effective_scales(), [NEAR_UNGUIDED_SCALE, *callback.run_scales.tolist()[1:]])
+
+
+def test_pipelines_that_ignore_pipeline_guidance_scale(sd_pipe, controlnet):
+    # diffusers' ControlNet img2img multiplies by its `guidance_scale` argument: only on/off schedules can work
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**sd_pipe.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    images = {"image": torch.rand(1, 3, 32, 32), "control_image": torch.rand(1, 3, 32, 32), "strength": 1.0}
+    with pytest.raises(ValueError, match="weighs its predictions with the `guidance_scale` argument"):
+        generate(pipe, GuidanceScheduleCallback("linear"), num_inference_steps=4, **images)
+    callback = GuidanceScheduleCallback("interval", interval=(0.0, 0.5))
+    with GuidanceRecorder(pipe) as recorder:
+        generate(pipe, callback, guidance_scale=3.0, num_inference_steps=4, **images)
+    assert_scales(recorder.effective_scales(), [3.0, 3.0, None, None])
+
+
+def test_animatediff(sd_pipe):
+    torch.manual_seed(0)
+    adapter = MotionAdapter(
+        block_out_channels=(8, 16),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=4,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=8,
+    )
+    components = {name: sd_pipe.components[name] for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    pipe = AnimateDiffPipeline(**components, motion_adapter=adapter, feature_extractor=None, image_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    callback = GuidanceScheduleCallback("interval", interval=(0.0, 0.5), pipeline=pipe)
+    # AnimateDiff does not read the callback's tensor_inputs itself
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs=callback.tensor_inputs"):
+        pipe(PROMPTS, num_frames=3, num_inference_steps=4, output_type="latent", callback_on_step_end=callback)
+    with GuidanceRecorder(pipe) as recorder:
+        frames = pipe(
+            PROMPTS,
+            num_frames=3,
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=callback.tensor_inputs,
+        ).frames
+    assert frames.shape == (2, 4, 3, 16, 16)
+    assert_scales(recorder.effective_scales(), [3.0, 3.0, None, None])
