@@ -74,6 +74,7 @@ class SyntheticSample:
     character_segments: np.ndarray = field(default=None)
     caption: str = ""
     caption_cam: str = ""
+    kitti_text: str = field(default="", repr=False)  # traj/{id}.txt, formatted once
 
 
 # ----------------------------------------------------------------------------------------------------------- #
@@ -229,9 +230,11 @@ def generate_synthetic_sample(
     focal = width * rng.uniform(0.7, 1.5)
     intrinsics = np.array([focal, focal, width / 2, height / 2], dtype=np.float64)
     start = int(rng.integers(0, 600))
+    # keep exactly what goes on disk (KITTI keeps 7 significant digits) and tag that, as E.T. tagged its files
+    kitti_text = to_kitti(poses)
     sample = SyntheticSample(
         id=sample_id or _random_id(rng),
-        camera_poses=poses,
+        camera_poses=_parse_kitti_text(kitti_text),
         character_positions=character,
         character_origin=character_origin,
         intrinsics=intrinsics,
@@ -239,17 +242,17 @@ def generate_synthetic_sample(
         relation=relation,
         planned_camera_labels=planned_camera,
         planned_character_labels=planned_character,
+        kitti_text=kitti_text,
     )
-    # tag what will be on disk (KITTI keeps 7 significant digits), as E.T. tagged its files
-    sample.camera_segments = tag_camera_motion(_kitti_round_trip(poses))
+    sample.camera_segments = tag_camera_motion(sample.camera_poses)
     sample.character_segments = tag_character_motion(character.astype(np.float32))
     sample.caption = full_caption(sample.camera_segments, sample.character_segments, rng)
     sample.caption_cam = camera_caption(sample.camera_segments, rng)
     return sample
 
 
-def _kitti_round_trip(poses: np.ndarray) -> np.ndarray:
-    values = np.array(to_kitti(poses).split(), dtype=np.float64).reshape(-1, 3, 4)
+def _parse_kitti_text(text: str) -> np.ndarray:
+    values = np.array(text.split(), dtype=np.float64).reshape(-1, 3, 4)
     rounded = np.tile(np.eye(4), (len(values), 1, 1))
     rounded[:, :3] = values
     return rounded
@@ -373,7 +376,7 @@ def write_et_sample(root: Union[str, os.PathLike], sample: SyntheticSample) -> N
     root = os.fspath(root)
     origin = sample.character_origin
     with open(os.path.join(root, "traj", sample.id + ".txt"), "w", encoding="utf-8") as file:
-        file.write(to_kitti(sample.camera_poses))
+        file.write(sample.kitti_text or to_kitti(sample.camera_poses))
     np.save(os.path.join(root, "intrinsics", sample.id + ".npy"), sample.intrinsics)
     np.save(os.path.join(root, "char", sample.id + ".npy"), sample.character_positions.astype(np.float32))
     np.save(
