@@ -259,3 +259,42 @@ def test_tagger_bad_inputs():
         tag_character_motion(np.zeros((10, 2)))
     with pytest.raises(TypeError):
         tag_character_motion("not a trajectory")
+
+
+def naive_label(velocity, static_threshold, dominance_threshold):
+    """The rules of the research brief, one frame at a time."""
+
+    def ratio(a, b):
+        return 0.0 if max(a, b) == 0 else (a - b) / max(a, b)
+
+    speed = [abs(v) for v in velocity]
+    keep = [s > static_threshold for s in speed]
+    d = dominance_threshold
+    pairs = {(0, 1): ratio(speed[0], speed[1]), (0, 2): ratio(speed[0], speed[2]), (1, 2): ratio(speed[1], speed[2])}
+    if sum(keep) == 2:
+        a, b = [axis for axis in range(3) if keep[axis]]
+        if pairs[(a, b)] > d:
+            keep[b] = False
+        elif pairs[(a, b)] < -d:
+            keep[a] = False
+    elif sum(keep) == 3:
+        original = list(keep)
+        for a, b in ((0, 1), (0, 2), (1, 2)):
+            if original[a] and original[b]:
+                if pairs[(a, b)] > d:
+                    keep[b] = False
+                elif pairs[(a, b)] < -d:
+                    keep[a] = False
+    code = [0 if not k else (1 if v > 0 else 2) for k, v in zip(keep, velocity)]
+    return 9 * code[0] + 3 * code[1] + code[2]
+
+
+def test_vectorised_labels_match_a_per_frame_implementation():
+    from storydiff.trajectories import label_velocities
+
+    rng = np.random.default_rng(0)
+    velocities = rng.normal(0, 0.05, size=(3000, 3)) * rng.choice([0.0, 0.3, 1.0, 3.0], size=(3000, 3))
+    velocities[:100] = np.round(velocities[:100], 2)  # exact ties and zeros
+    for s, d in ((0.02, 0.4), (0.22, 0.32)):
+        expected = [naive_label(v, s, d) for v in (velocities * (10 if s > 0.1 else 1))]
+        assert label_velocities(velocities * (10 if s > 0.1 else 1), s, d).tolist() == expected
