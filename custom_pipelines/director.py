@@ -278,7 +278,7 @@ class DirectorPipeline(DiffusionPipeline):
             batch *= num_trajectories_per_prompt
         dtype = self.model.dtype
         character = encode_character(positions.float()).to(dtype)
-        null = null_text_features(batch, config.text_embed_dim, config.max_text_length, device=device, dtype=dtype)
+        null = null_text_features(batch, config.text_embed_dim, tokens.shape[1], device=device, dtype=dtype)
         conditional = dict(
             character_features=character,
             text_pooled=pooled.to(dtype),

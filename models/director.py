@@ -484,13 +484,15 @@ def edm_loss(
     p_mean: float = -1.2,
     p_std: float = 1.2,
     generator: Optional[torch.Generator] = None,
+    sigma_data: Optional[float] = None,
     **conditions,
 ) -> torch.Tensor:
     """EDM training loss: `sigma ~ LogNormal(p_mean, p_std)`, `x = clean + sigma * n`, weighted squared error
     `(s^2+sd^2)/(s*sd)^2 * |D(x; s) - clean|^2`, averaged over valid frames and features only (the reference code
-    also averages over padding). `conditions` go to the model (`character_features`, `text_pooled`, ...)."""
+    also averages over padding). `conditions` go to the model (`character_features`, `text_pooled`, ...). `model` may
+    be wrapped (DDP); `sigma_data` defaults to the model's."""
     batch = clean.shape[0]
-    sd = model.config.sigma_data
+    sd = sigma_data if sigma_data is not None else getattr(model, "module", model).config.sigma_data
     sigma = sample_edm_sigmas(batch, p_mean, p_std, generator=generator, device=clean.device)
     noise = torch.randn(clean.shape, generator=generator, device=generator.device if generator else None)
     noisy = clean + noise.to(clean.device, clean.dtype) * sigma.view(-1, 1, 1).to(clean.dtype)
