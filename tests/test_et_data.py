@@ -139,6 +139,10 @@ def test_generator_is_deterministic_and_refuses_to_overwrite(tmp_path):
         make_synthetic_et(tmp_path / "a", 5, seed=4)
     assert make_synthetic_et(tmp_path / "a", 3, seed=4, overwrite=True)["ids"] != first["ids"][:3]
     assert len(os.listdir(tmp_path / "a" / "traj")) == 3
+    os.remove(tmp_path / "a" / "clatr_test_split.txt")  # as if the call had been killed before the splits
+    resumed = make_synthetic_et(tmp_path / "a", 4, seed=5)
+    assert resumed["ids"] == make_synthetic_et(tmp_path / "d", 4, seed=5)["ids"]
+    assert len(os.listdir(tmp_path / "a" / "traj")) == 4
     with pytest.raises(ValueError, match="num_frames"):
         make_synthetic_et(tmp_path / "c", 2, num_frames=(50, 40))
     with pytest.raises(ValueError, match="num_samples"):

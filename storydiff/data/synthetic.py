@@ -45,6 +45,9 @@ ET_FOLDERS = (
     "bounds",
 )
 RELATIONS = ("follow", "lead", "ignore")
+_SPLIT_NAMES = tuple(
+    f"{subset}_{split}" for subset in ("full", "mixed", "pure") for split in ("train", "test")
+) + tuple(f"clatr_{split}" for split in ("train", "val", "test"))
 
 # class indices (9 c(x) + 3 c(y) + c(z))
 STATIC = 0
@@ -413,7 +416,8 @@ def make_synthetic_et(
     (E.T.'s precomputed CLIP features `caption_clip/` are not written). Split files:
     `{full,mixed,pure}_{train,test}_split.txt` (pure: the tagger finds one camera segment; mixed: several)
     and `clatr_{train,val,test}_split.txt`. Frames per sample are drawn uniformly from `num_frames`
-    (inclusive). The summary has `ids`, `train_ids`, `test_ids` and the agreement between the tagger and the
+    (inclusive). A folder left incomplete by an interrupted call (no split files yet) is regenerated; a
+    complete one is only replaced with `overwrite=True`. The summary has `ids`, `train_ids`, `test_ids` and the agreement between the tagger and the
     plan (`camera_frame_agreement`, `character_frame_agreement`, `camera_exact_fraction`).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
@@ -422,13 +426,18 @@ def make_synthetic_et(
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
     root = os.fspath(root)
+    # split files are written last: without them, traj/ holds an interrupted generation, which is replaced
+    complete = all(os.path.isfile(os.path.join(root, f"{name}_split.txt")) for name in _SPLIT_NAMES)
     if os.path.isdir(os.path.join(root, "traj")) and os.listdir(os.path.join(root, "traj")):
-        if not overwrite:
+        if complete and not overwrite:
             raise ValueError(
                 f"{root} already holds an E.T. dataset (traj/ is not empty); pass overwrite=True to replace it."
             )
         for folder in ET_FOLDERS:
             shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
+        for name in _SPLIT_NAMES:
+            if os.path.isfile(os.path.join(root, f"{name}_split.txt")):
+                os.remove(os.path.join(root, f"{name}_split.txt"))
     for folder in ET_FOLDERS:
         os.makedirs(os.path.join(root, folder), exist_ok=True)
 
