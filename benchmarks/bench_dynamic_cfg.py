@@ -55,6 +55,28 @@ def build_components(latent_size: int, seed: int = 0) -> dict:
     return components
 
 
+def unet_cost_ratio(unet, latent_size: int, text_hidden_size: int, repeats: int, rng: random.Random) -> float:
+    """Median CPU time of one UNet evaluation on the conditional batch (1 sample) over that on the CFG batch (2)."""
+    inputs = {
+        batch: (
+            torch.randn(batch, 4, latent_size, latent_size),
+            torch.randn(batch, 16, text_hidden_size),
+        )
+        for batch in (1, 2)
+    }
+    ratios = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            seconds = {}
+            for batch in rng.sample([1, 2], 2):
+                sample, text = inputs[batch]
+                start = time.process_time()
+                unet(sample, 500, encoder_hidden_states=text)
+                seconds[batch] = time.process_time() - start
+            ratios.append(seconds[1] / seconds[2])
+    return statistics.median(ratios)
+
+
 def schedules(steps: int) -> dict:
     """Name -> guidance_schedule. The static one is the reference for the savings table."""
     # a user list that drops guidance for the last quarter of the run (diffusers #5266 asked for the last 5 steps)
@@ -123,27 +145,49 @@ def main():
     hook.remove()
 
     load_before = os.getloadavg()
-    order_rng = random.Random(0)
-    # wall time is what users see; the process CPU time of a single-threaded run is far less disturbed by other
-    # processes on a shared machine, so both are reported
+    # Every measurement is a pair run back to back in random order: a configuration and its reference (the stock
+    # pipeline for the static schedule, the static schedule for the others). Pairs are shuffled in every repeat.
+    # Wall time is what users see; the process CPU time of a single-threaded run is far less disturbed by other
+    # processes on a shared machine, so both are reported.
+    pairs = [("static", stock_name)] + [
+        (name, "static") for name in configurations if name not in ("static", stock_name)
+    ]
     wall = {name: [] for name in configurations}
     cpu = {name: [] for name in configurations}
+    wall_ratios = {pair: [] for pair in pairs}
+    cpu_ratios = {pair: [] for pair in pairs}
+    order_rng = random.Random(0)
     for repeat in range(args.repeats):
-        names = [name for name in configurations if name != stock_name]
-        order_rng.shuffle(names)
-        # stock runs right next to static (before or after at random): the overhead ratio compares neighbours
-        names.insert(names.index("static") + order_rng.randint(0, 1), stock_name)
-        for name in names:
-            pipe, schedule = configurations[name]
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            call(pipe, schedule)
-            wall[name].append(time.perf_counter() - start_wall)
-            cpu[name].append(time.process_time() - start_cpu)
+        order_rng.shuffle(pairs)
+        for pair in pairs:
+            measured = {}
+            for name in order_rng.sample(pair, 2):
+                pipe, schedule = configurations[name]
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                call(pipe, schedule)
+                measured[name] = (time.perf_counter() - start_wall, time.process_time() - start_cpu)
+                wall[name].append(measured[name][0])
+                cpu[name].append(measured[name][1])
+            name, reference = pair
+            wall_ratios[pair].append(measured[name][0] / measured[reference][0])
+            cpu_ratios[pair].append(measured[name][1] / measured[reference][1])
         print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    unet_cost = unet_cost_ratio(
+        components["unet"],
+        args.latent_size,
+        components["text_encoder"].config.hidden_size,
+        repeats=10 * args.repeats,
+        rng=order_rng,
+    )
     load_after = os.getloadavg()
 
-    def paired_ratio(seconds, name, reference_name="static"):
-        return statistics.median(a / b for a, b in zip(seconds[name], seconds[reference_name]))
+    def ratio(ratios, name, reference="static"):
+        """Median of the paired ratios, with their interquartile range."""
+        values = ratios[(name, reference)]
+        if len(values) < 2:
+            return f"{values[0]:.3f}"
+        low, _, high = statistics.quantiles(values, n=4)
+        return f"{statistics.median(values):.3f} ({low:.3f}-{high:.3f})"
 
     def median(seconds, name):
         return statistics.median(seconds[name])
@@ -152,26 +196,26 @@ def main():
     lines = [
         "| pipeline | median wall time (s) | wall time / stock | median CPU time (s) | CPU time / stock |",
         "|---|---:|---:|---:|---:|",
-        f"| {stock_name} | {median(wall, stock_name):.3f} | 1.000 | {median(cpu, stock_name):.3f} | 1.000 |",
+        f"| {stock_name} | {median(wall, stock_name):.3f} | 1 | {median(cpu, stock_name):.3f} | 1 |",
         f"| DynamicCFGStableDiffusionPipeline, static | {median(wall, 'static'):.3f} "
-        f"| {paired_ratio(wall, 'static', stock_name):.3f} | {median(cpu, 'static'):.3f} "
-        f"| {paired_ratio(cpu, 'static', stock_name):.3f} |",
+        f"| {ratio(wall_ratios, 'static', stock_name)} | {median(cpu, 'static'):.3f} "
+        f"| {ratio(cpu_ratios, 'static', stock_name)} |",
     ]
     overhead_table = "\n".join(lines)
 
     lines = [
-        "| schedule | zero-weight steps k | UNet samples / static | expected (2N - k)/(2N) | median wall time (s) "
-        "| wall time / static | CPU time / static | CPU time ratio - expected |",
+        "| schedule | zero-weight steps k | UNet samples / static | expected (2N - k)/(2N) "
+        "| expected with measured UNet cost | median wall time (s) | wall time / static | CPU time / static |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in schedules(steps):
         k = zero_weight_steps[name]
         expected = (2 * steps - k) / (2 * steps)
-        cpu_ratio = paired_ratio(cpu, name)
+        expected_from_cost = (steps - k + k * unet_cost) / steps
+        measured = "1 (reference)" if name == "static" else None
         lines.append(
-            f"| {name} | {k} | {unet_samples[name] / unet_samples['static']:.3f} | {expected:.3f} "
-            f"| {median(wall, name):.3f} | {paired_ratio(wall, name):.3f} | {cpu_ratio:.3f} "
-            f"| {cpu_ratio - expected:+.3f} |"
+            f"| {name} | {k} | {unet_samples[name] / unet_samples['static']:.3f} | {expected:.3f} | {expected_from_cost:.3f} "
+            f"| {median(wall, name):.3f} | {measured or ratio(wall_ratios, name)} | {measured or ratio(cpu_ratios, name)} |"
         )
     savings_table = "\n".join(lines)
 
@@ -188,10 +232,10 @@ Setup: a random Stable Diffusion built in code (UNet with block channels (32, 64
 {args.latent_size}x{args.latent_size} latents, 2-layer CLIP text encoder), DDIM, N = {steps} steps, guidance scale
 {args.guidance_scale}, batch 1 (2 with CFG), `output_type="latent"` (the VAE decode is the same for every
 configuration and is left out), `torch.set_num_threads({args.threads})`, {args.repeats} timed repeats after one
-warm-up run each. Every repeat runs all configurations in a shuffled order (the stock pipeline right before or after
-the static one); a configuration's ratio is the median
-over repeats of its time divided by the reference's time in the same repeat, which cancels slow drifts in machine
-load. Wall time is what users wait for; the process CPU time of these single-threaded runs is reported beside it
+warm-up run each. Each configuration is timed back to back with its reference (the stock pipeline for the static
+schedule, the static schedule for the others), in random order, and the pairs are shuffled in every repeat; the
+tables give the median over repeats of these paired time ratios, with the interquartile range in brackets. Pairing
+neighbours cancels slow drifts in machine load. Wall time is what users wait for; the process CPU time of these single-threaded runs is reported beside it
 because it is far less disturbed by other jobs on a shared machine. Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average
 {load_before[0]:.1f} before, {load_after[0]:.1f} after), torch {torch.__version__}, diffusers
 {__import__("diffusers").__version__}, storydiff {storydiff.__version__}.
@@ -208,7 +252,9 @@ With the static schedule the pipeline returns latents identical to the stock pip
 On a step with `g_i == 1` (`w_i == 0`) the UNet runs on the conditional half of the batch only. With `k` such steps
 out of `N`, the denoiser processes `(2N - k)/(2N)` of the samples of static CFG ("UNet samples / static" is counted
 with a forward hook). The measured time also contains parts that do not shrink (text encoding, scheduler steps,
-per-call overhead), and the UNet's cost on CPU is not exactly proportional to its batch size.
+per-call overhead), and the UNet's cost on CPU is not exactly proportional to its batch size: one evaluation on the
+conditional batch alone took {unet_cost:.3f} of the CPU time of one on the CFG batch (median of {10 * args.repeats}
+paired measurements), which gives the column "expected with measured UNet cost" = `(N - k + k * {unet_cost:.3f}) / N`.
 
 {savings_table}
 """
