@@ -134,9 +134,11 @@ def encode_text(
     tokenizer_max = getattr(tokenizer, "model_max_length", None) or max_length
     if tokenizer_max > 100_000:  # tokenizers without a limit report a huge sentinel value
         tokenizer_max = max_length
+    # Pad to the longest prompt only (the features are zero-padded to `max_length` below): padding never changes
+    # the real tokens' features (attention mask for bidirectional encoders, causal attention in CLIP).
     inputs = tokenizer(
         prompts,
-        padding="max_length",
+        padding="longest",
         max_length=min(max_length, tokenizer_max),
         truncation=True,
         return_tensors="pt",
