@@ -28,8 +28,9 @@ BASE_TAGS = ("storydiff", "diffusers")
 
 def training_command(argv: Optional[Sequence[str]] = None, script: Optional[str] = None) -> str:
     """The command line that ran this script: `python <script> <args>`, with the script path relative to the
-    working directory when it is inside it. `argv` are the arguments (default `sys.argv[1:]`)."""
-    script = script or sys.argv[0]
+    working directory when it is inside it (absolute otherwise). `argv` are the arguments (default
+    `sys.argv[1:]`)."""
+    script = os.path.abspath(script or sys.argv[0])
     try:
         relative = os.path.relpath(script)
         if not relative.startswith(".."):

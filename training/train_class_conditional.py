@@ -288,8 +288,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     dataset, num_classes, id2label, dataset_id = load_training_data(args)
     in_channels = dataset[0]["pixel_values"].shape[0]
     sampler = SeededEpochSampler(len(dataset), seed=args.seed)
+    # A DataLoader draws a seed for its workers from its generator each time it starts an epoch. Its own generator
+    # keeps that draw off the global RNG, which a resumed run restores mid-epoch, after the draw.
     dataloader = DataLoader(
-        dataset, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     unet = build_unet(args, in_channels, num_classes)
