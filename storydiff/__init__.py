@@ -24,6 +24,7 @@ _EXPORTS = {
     "ClassConditionalPipeline": "storydiff.custom_pipelines.class_conditional",
     "ClassConditionalPipelineOutput": "storydiff.custom_pipelines.class_conditional",
     "custom_pipeline_path": "storydiff.custom_pipelines",
+    "DigitClassifier": "storydiff.evaluation.digits",
     # DIRECTOR
     "DirectorModel": "storydiff.models.director",
     "CLaTrModel": "storydiff.models.clatr",

@@ -1,0 +1,224 @@
+"""`storydiff demo`: the main job. Offline, on CPU, from the checkpoints shipped in `storydiff/checkpoints/`.
+
+The demo is a list of sections, `DEMO_SECTIONS`. Each section is a function `section(output_dir: Path, device: str)
+-> list[Path]` that writes its figures and tables into `output_dir` (file names prefixed with the section's slug)
+and returns the paths it wrote. A capability adds its demo with one line in `DEMO_SECTIONS`; the function is
+imported only when the demo runs, so a section's heavy imports cost nothing elsewhere.
+"""
+
+import csv
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+DemoSectionFunction = Callable[[Path, str], list]
+
+
+@dataclass(frozen=True)
+class DemoSection:
+    """One part of `storydiff demo`: a title, a file-name slug and `"module:function"` of the function to run."""
+
+    title: str
+    slug: str
+    function: str
+
+    def load(self) -> DemoSectionFunction:
+        module_name, _, function_name = self.function.partition(":")
+        return getattr(importlib.import_module(module_name), function_name)
+
+
+DEMO_SECTIONS: list[DemoSection] = [
+    DemoSection("Dynamic classifier-free guidance on digits", "dynamic_cfg", "storydiff.demo:dynamic_cfg_demo"),
+    # DIRECTOR: DemoSection("DIRECTOR camera trajectories", "director", "storydiff.demo_director:director_demo"),
+]
+
+DEMO_CPU_THREADS = 1
+
+# ----------------------------------------------------------------------------------------------- dynamic CFG
+
+DEMO_SCHEDULES = ("static", "linear", "cosine")
+DEMO_GUIDANCE_SCALE = 3.0
+DEMO_INFERENCE_STEPS = 20
+DEMO_SAMPLES_PER_CLASS = 10
+DEMO_SEED = 0
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _save_comparison_grid(path: Path, rows: dict, title: str) -> None:
+    """One row per schedule, one column per class; `rows` maps a row label to (num_classes, H, W, C) images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_rows, num_columns = len(rows), next(iter(rows.values())).shape[0]
+    figure, axes = plt.subplots(
+        num_rows, num_columns, figsize=(0.9 * num_columns + 1.6, 0.95 * num_rows + 0.6), squeeze=False
+    )
+    for row, (label, images) in enumerate(rows.items()):
+        for column in range(num_columns):
+            axis = axes[row, column]
+            axis.imshow(images[column].squeeze(-1), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(f"class {column}", fontsize=9)
+            if column == 0:
+                axis.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def dynamic_cfg_demo(
+    output_dir: Path,
+    device: str = "cpu",
+    checkpoint: Optional[Union[str, Path]] = None,
+    schedules: Optional[Sequence[str]] = None,
+    guidance_scale: Optional[float] = None,
+    num_inference_steps: Optional[int] = None,
+    samples_per_class: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> list:
+    """Digits of every class from the same initial noise with several guidance schedules, side by side and scored.
+
+    Writes `dynamic_cfg_grid.png` (rows: schedules, columns: classes, the first sample of each class) and
+    `dynamic_cfg_metrics.md` / `.csv` (class accuracy and digit Frechet distance over all samples of each schedule,
+    against the held-out test digits, plus the denoiser work relative to static CFG). Arguments left as None take
+    the module's `DEMO_*` settings, read at call time.
+    """
+    schedules = DEMO_SCHEDULES if schedules is None else schedules
+    guidance_scale = DEMO_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    num_inference_steps = DEMO_INFERENCE_STEPS if num_inference_steps is None else num_inference_steps
+    samples_per_class = DEMO_SAMPLES_PER_CLASS if samples_per_class is None else samples_per_class
+    seed = DEMO_SEED if seed is None else seed
+    from storydiff.checkpoints import digits_pipeline_path
+    from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
+    from storydiff.evaluation import evaluate_digit_samples, load_digit_classifier, real_digit_images
+
+    output_dir = Path(output_dir)
+    checkpoint = Path(checkpoint if checkpoint is not None else digits_pipeline_path())
+    pipe = ClassConditionalPipeline.from_pretrained(checkpoint).to(device)
+    num_classes = pipe.config.num_classes
+    classifier = load_digit_classifier(device=device)
+
+    # The same starting noise for every schedule, so rows differ only by the guidance schedule.
+    unet_config = pipe.unet.config
+    latents = torch.randn(
+        (num_classes * samples_per_class, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    labels = np.repeat(np.arange(num_classes), samples_per_class)
+
+    first_of_each_class, table = {}, []
+    for schedule in schedules:
+        print(f"  {schedule}: {len(labels)} digits, {num_inference_steps} DDIM steps, guidance_scale {guidance_scale}")
+        pipe.set_progress_bar_config(desc=f"  {schedule}")
+        output = pipe(
+            class_labels=list(range(num_classes)),
+            num_images_per_class=samples_per_class,
+            guidance_scale=guidance_scale,
+            guidance_schedule=schedule,
+            num_inference_steps=num_inference_steps,
+            latents=latents.clone(),
+            output_type="np",
+        )
+        scores = evaluate_digit_samples(output.images, labels, classifier=classifier)
+        unguided_steps = sum(scale <= 1.0 for scale in output.guidance_scales)
+        relative_cost = (2 * num_inference_steps - unguided_steps) / (2 * num_inference_steps)
+        row_label = f"{schedule}\nacc {scores['class_accuracy']:.2f}\nFD {scores['frechet_distance']:.1f}"
+        first_of_each_class[row_label] = output.images[::samples_per_class]
+        table.append(
+            [schedule, f"{scores['class_accuracy']:.3f}", f"{scores['frechet_distance']:.2f}", f"{relative_cost:.3f}"]
+        )
+
+    # Reference: real train digits (never seen by the classifier's test split), same count as each schedule.
+    real = real_digit_images("train", classifier.config.sample_size)
+    pick = np.random.default_rng(seed).choice(len(real), size=len(labels), replace=False)
+    from storydiff.training.digits import digits_arrays
+
+    _, real_labels = digits_arrays("train", classifier.config.sample_size)
+    real_scores = evaluate_digit_samples(real[pick], real_labels.numpy()[pick], classifier=classifier)
+    table.append(
+        [
+            "real train digits (reference)",
+            f"{real_scores['class_accuracy']:.3f}",
+            f"{real_scores['frechet_distance']:.2f}",
+            "-",
+        ]
+    )
+
+    header = ["schedule", "class accuracy", "digit Frechet distance", "denoiser work vs static"]
+    grid_path = output_dir / "dynamic_cfg_grid.png"
+    _save_comparison_grid(
+        grid_path,
+        first_of_each_class,
+        f"Same noise, guidance_scale {guidance_scale}, {num_inference_steps} DDIM steps",
+    )
+    markdown_path = output_dir / "dynamic_cfg_metrics.md"
+    markdown_path.write_text(
+        f"# Dynamic CFG on digits\n\n{samples_per_class} samples per class ({len(labels)} per schedule), "
+        f"guidance_scale {guidance_scale} (w = {guidance_scale - 1:g}), {num_inference_steps} DDIM steps, seed {seed}, "
+        f"checkpoint `{checkpoint.name}`. Class accuracy by the project's digit classifier; Frechet distance in its "
+        "feature space against the held-out test digits (lower is better; compare only at equal sample counts).\n\n"
+        + _markdown_table(header, table)
+    )
+    csv_path = output_dir / "dynamic_cfg_metrics.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(table)
+    print("\n" + _markdown_table(header, table))
+    return [grid_path, markdown_path, csv_path]
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def run_demo(
+    output_dir: Union[str, Path] = "outputs", device: str = "cpu", sections: Optional[Sequence[str]] = None
+) -> dict:
+    """Run every demo section (or only those whose slug is in `sections`) and print where the results are.
+
+    Returns `{slug: [paths written]}`.
+    """
+    available = {section.slug: section for section in DEMO_SECTIONS}
+    if sections is not None:
+        unknown = [slug for slug in sections if slug not in available]
+        if unknown:
+            raise ValueError(f"Unknown demo sections {unknown}; available: {', '.join(available)}.")
+    chosen = [section for section in DEMO_SECTIONS if sections is None or section.slug in sections]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    written = {}
+    threads = torch.get_num_threads()
+    if str(device) == "cpu":
+        # The demo's models are tiny: one thread per process runs their small convolutions fastest, and several
+        # threads slow down sharply when the CPU is shared with other work.
+        torch.set_num_threads(DEMO_CPU_THREADS)
+    try:
+        for number, section in enumerate(chosen, start=1):
+            print(f"[{number}/{len(chosen)}] {section.title}")
+            start = time.perf_counter()
+            written[section.slug] = [Path(path) for path in section.load()(output_dir, device)]
+            print(f"[{number}/{len(chosen)}] done in {time.perf_counter() - start:.1f} s")
+    finally:
+        torch.set_num_threads(threads)
+
+    print(f"\nstorydiff demo wrote {sum(len(paths) for paths in written.values())} files to {output_dir.resolve()}:")
+    for paths in written.values():
+        for path in paths:
+            print(f"  {path.resolve()}")
+    return written

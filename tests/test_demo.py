@@ -1,0 +1,67 @@
+"""`storydiff demo` end to end on the shipped checkpoints (fewer samples and steps than the real run)."""
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+import storydiff.demo as demo
+from storydiff.cli import main
+
+
+def test_demo_command_writes_the_grid_and_the_metrics_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "DEMO_SAMPLES_PER_CLASS", 2)
+    monkeypatch.setattr(demo, "DEMO_INFERENCE_STEPS", 4)
+    output_dir = tmp_path / "outputs"
+    assert main(["demo", "--output-dir", str(output_dir)]) == 0
+
+    grid = output_dir / "dynamic_cfg_grid.png"
+    with PIL.Image.open(grid) as image:
+        assert image.width > 600 and image.height > 200  # 3 rows x 10 columns of digits, labelled
+        assert np.asarray(image.convert("L")).std() > 10  # not blank
+
+    with (output_dir / "dynamic_cfg_metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["schedule"] for row in rows] == ["static", "linear", "cosine", "real train digits (reference)"]
+    for row in rows:
+        assert 0.0 <= float(row["class accuracy"]) <= 1.0
+        assert np.isfinite(float(row["digit Frechet distance"])) and float(row["digit Frechet distance"]) >= 0
+    # Linear and cosine start at w_0 = 0: one of 4 steps skips the null-class pass, 7 of 8 half-batches run.
+    work = {row["schedule"]: row["denoiser work vs static"] for row in rows}
+    assert (work["static"], work["linear"], work["cosine"]) == ("1.000", "0.875", "0.875")
+
+    markdown = (output_dir / "dynamic_cfg_metrics.md").read_text()
+    for schedule in ("| static |", "| linear |", "| cosine |", "| real train digits (reference) |"):
+        assert schedule in markdown
+    printed = capsys.readouterr().out
+    assert str(grid.resolve()) in printed and "dynamic_cfg_metrics.md" in printed
+
+
+def fake_section(output_dir, device):
+    path = output_dir / "fake.txt"
+    path.write_text(device)
+    return [path]
+
+
+def test_a_section_is_added_with_one_registry_line(tmp_path, monkeypatch, capsys):
+    extra = demo.DemoSection("Fake capability", "fake", f"{__name__}:fake_section")
+    monkeypatch.setattr(demo, "DEMO_SECTIONS", [*demo.DEMO_SECTIONS, extra])
+    written = demo.run_demo(tmp_path, device="cpu", sections=["fake"])
+    assert written == {"fake": [tmp_path / "fake.txt"]}
+    assert (tmp_path / "fake.txt").read_text() == "cpu"
+    assert "Fake capability" in capsys.readouterr().out
+
+
+def test_unknown_sections_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="available: dynamic_cfg"):
+        demo.run_demo(tmp_path, sections=["nope"])
+
+
+def test_command_line_help_lists_the_demo():
+    result = subprocess.run(
+        [sys.executable, "-m", "storydiff.cli", "demo", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--output-dir" in result.stdout

@@ -1,0 +1,249 @@
+"""Evaluation: the digit classifier, its metrics, its training script, and the CLIP score / FID hooks."""
+
+import json
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from scipy import linalg
+from tiny_stable_diffusion import tiny_clip_tokenizer
+
+from storydiff.evaluation import (
+    DigitClassifier,
+    class_accuracy,
+    classifier_features,
+    clip_score,
+    default_digit_classifier_path,
+    digit_frechet_distance,
+    evaluate_digit_samples,
+    frechet_feature_distance,
+    inception_feature_extractor,
+    load_digit_classifier,
+    real_digit_images,
+)
+
+
+def direct_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The FID formula written out with scipy, independently of storydiff.metrics."""
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    torch.manual_seed(0)
+    return DigitClassifier(sample_size=8, block_out_channels=(4, 6)).eval()
+
+
+@pytest.fixture(scope="module")
+def random_images():
+    generator = np.random.default_rng(0)
+    return generator.random((40, 8, 8, 1), dtype=np.float32), generator.integers(0, 10, 40)
+
+
+def test_classifier_shapes_and_save_load_round_trip(tmp_path, tiny_classifier):
+    images = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert tiny_classifier(images).shape == (3, 10)
+    assert tiny_classifier.features(images).shape == (3, 6) and tiny_classifier.num_features == 6
+    tiny_classifier.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = load_digit_classifier(tmp_path)
+    assert loaded.config.block_out_channels == [4, 6] or tuple(loaded.config.block_out_channels) == (4, 6)
+    torch.testing.assert_close(loaded(images), tiny_classifier(images))
+
+
+def test_class_accuracy_matches_argmax_of_logits(tiny_classifier, random_images):
+    images, labels = random_images
+    with torch.no_grad():
+        logits = tiny_classifier(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
+    predictions = logits.argmax(1).numpy()
+    labels = labels.copy()
+    labels[:25] = predictions[:25]  # 25 certainly right, the rest right only by chance
+    expected = float((predictions == labels).mean())
+    assert class_accuracy(images, labels, classifier=tiny_classifier) == pytest.approx(expected)
+    assert class_accuracy(images, predictions, classifier=tiny_classifier) == 1.0
+
+
+def test_image_layouts_give_the_same_features(tiny_classifier, random_images):
+    images, _ = random_images
+    reference = classifier_features(images, classifier=tiny_classifier)
+    assert reference.shape == (40, 6) and reference.dtype == np.float64
+    as_torch = torch.from_numpy(images).permute(0, 3, 1, 2)  # diffusers output_type="pt"
+    np.testing.assert_allclose(classifier_features(as_torch, classifier=tiny_classifier), reference, atol=1e-6)
+    np.testing.assert_allclose(classifier_features(images[..., 0], classifier=tiny_classifier), reference, atol=1e-6)
+    rgb = np.repeat(images, 3, axis=-1)  # grey converted back by averaging the channels
+    np.testing.assert_allclose(classifier_features(rgb, classifier=tiny_classifier), reference, atol=1e-5)
+    pil = [PIL.Image.fromarray((image[..., 0] * 255).round().astype(np.uint8)) for image in images]
+    np.testing.assert_allclose(classifier_features(pil, classifier=tiny_classifier), reference, atol=0.05)
+
+
+def test_inputs_are_resized_to_the_classifier_resolution(tiny_classifier):
+    big = np.random.default_rng(1).random((5, 16, 16, 1), dtype=np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(big).permute(0, 3, 1, 2), size=(8, 8), mode="bilinear", antialias=True
+    )
+    with torch.no_grad():
+        direct = tiny_classifier.features(expected * 2 - 1).double().numpy()
+    np.testing.assert_allclose(classifier_features(big, classifier=tiny_classifier), direct, atol=1e-6)
+
+
+def test_digit_frechet_distance_matches_a_direct_scipy_computation(tiny_classifier, random_images):
+    generated, _ = random_images
+    real = np.random.default_rng(2).random((30, 8, 8, 1), dtype=np.float32) ** 2
+    with torch.no_grad():
+        features_generated = tiny_classifier.features(torch.from_numpy(generated).permute(0, 3, 1, 2) * 2 - 1)
+        features_real = tiny_classifier.features(torch.from_numpy(real).permute(0, 3, 1, 2) * 2 - 1)
+    expected = direct_frechet(features_generated.double().numpy(), features_real.double().numpy())
+    distance = digit_frechet_distance(generated, real, classifier=tiny_classifier)
+    assert distance == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert digit_frechet_distance(generated, generated, classifier=tiny_classifier) == pytest.approx(0.0, abs=1e-6)
+    both = evaluate_digit_samples(generated, np.zeros(40, dtype=int), classifier=tiny_classifier, real_test=real)
+    assert both["frechet_distance"] == pytest.approx(expected, rel=1e-6) and both["num_samples"] == 40
+
+
+def test_bad_inputs_raise_clear_errors(tiny_classifier, random_images):
+    images, labels = random_images
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        class_accuracy(images * 2 - 1, labels, classifier=tiny_classifier)
+    with pytest.raises(ValueError, match="40 images but 39 labels"):
+        class_accuracy(images, labels[:39], classifier=tiny_classifier)
+    with pytest.raises(ValueError, match="0..9"):
+        class_accuracy(images, labels + 10, classifier=tiny_classifier)
+    with pytest.raises(ValueError, match="integer class indices"):
+        class_accuracy(images, labels.astype(float), classifier=tiny_classifier)
+    with pytest.raises(TypeError, match="numpy array"):
+        classifier_features("images.png", classifier=tiny_classifier)
+    with pytest.raises(ValueError, match="shape"):
+        classifier_features(np.zeros((2, 8, 8, 5), dtype=np.float32), classifier=tiny_classifier)
+    with pytest.raises(TypeError, match="DigitClassifier"):
+        classifier_features(images, classifier=torch.nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="train_digit_classifier"):
+        load_digit_classifier("/nonexistent/classifier")
+
+
+def test_shipped_classifier_recognises_held_out_digits():
+    classifier = load_digit_classifier()
+    assert default_digit_classifier_path().joinpath("README.md").is_file()
+    resolution = classifier.config.sample_size
+    test_images = real_digit_images("test", resolution)
+    from storydiff.training.digits import digits_arrays
+
+    _, test_labels = digits_arrays("test", resolution)
+    assert class_accuracy(test_images, test_labels) > 0.95
+    # Real train digits are close to the test split; shuffled pixels of the same digits are far from it.
+    train_images = real_digit_images("train", resolution)[:360]
+    shuffled = np.random.default_rng(0).permuted(train_images.reshape(360, -1), axis=1).reshape(train_images.shape)
+    assert digit_frechet_distance(train_images) * 5 < digit_frechet_distance(shuffled)
+
+
+@pytest.fixture
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_script_resumes_without_losing_or_repeating_data(tmp_path, keep_torch_threads):
+    from storydiff.training.train_digit_classifier import main
+
+    common = ["--resolution", "8", "--block_out_channels", "4", "6", "--num_epochs", "2", "--batch_size", "64"]
+    common += ["--max_train_samples", "300", "--report_to", "none", "--torch_num_threads", "1"]
+    main([*common, "--output_dir", str(tmp_path / "full"), "--work_dir", str(tmp_path / "full_work")])
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "test-split accuracy" in card and "--num_epochs 2" in card
+
+    # A run killed after its first epoch's checkpoint: keep only that checkpoint, then resume.
+    main([*common, "--output_dir", str(tmp_path / "first"), "--work_dir", str(tmp_path / "work")])
+    checkpoints = tmp_path / "work" / "checkpoints"
+    assert json.loads((checkpoints / "epoch-1" / "epoch.json").read_text()) == {"epoch": 1}
+    for path in (checkpoints / "epoch-2").iterdir():
+        path.unlink()
+    (checkpoints / "epoch-2").rmdir()
+    resumed_args = [*common, "--output_dir", str(tmp_path / "resumed"), "--work_dir", str(tmp_path / "work")]
+    main([*resumed_args, "--resume_from_checkpoint", "latest"])
+
+    full = DigitClassifier.from_pretrained(tmp_path / "full")
+    resumed = DigitClassifier.from_pretrained(tmp_path / "resumed")
+    for (name, expected), (_, actual) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(actual, expected, msg=f"{name} differs after resuming")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = tiny_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
+    text = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": tokenizer.eos_token_id}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision |= {"image_size": 16, "patch_size": 8}
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def test_clip_score_matches_cosine_of_projected_embeddings(tiny_clip):
+    model, processor = tiny_clip
+    images = np.random.default_rng(3).random((3, 16, 16, 3), dtype=np.float32)
+    prompts = ["a cat", "the dog", "and 7"]
+    score = clip_score(images, prompts, model=model, processor=processor)
+
+    pil = [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+    inputs = processor(text=prompts, images=pil, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image_embeds = model.visual_projection(model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output)
+        text_embeds = model.text_projection(
+            model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+        )
+    cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds)
+    assert score == pytest.approx(float((100 * cosine.clamp(min=0)).mean()), rel=1e-4, abs=1e-4)
+    # One prompt for all images, and batching, change nothing.
+    single = clip_score(images, "a cat", model=model, processor=processor, batch_size=2)
+    assert single == pytest.approx(clip_score(images, ["a cat"] * 3, model=model, processor=processor), rel=1e-5)
+
+
+def test_clip_score_bad_inputs(tiny_clip):
+    model, processor = tiny_clip
+    images = np.random.default_rng(3).random((2, 16, 16, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(images, ["a", "b", "c"], model=model, processor=processor)
+    with pytest.raises(ValueError, match="processor"):
+        clip_score(images, "a", model=model)
+    with pytest.raises(TypeError, match="CLIPModel"):
+        clip_score(images, "a", model=torch.nn.Linear(2, 2), processor=processor)
+
+
+def test_fid_plumbing_with_a_fake_feature_extractor():
+    seen_shapes = []
+
+    def mean_colour_and_contrast(batch: torch.Tensor) -> torch.Tensor:
+        seen_shapes.append(tuple(batch.shape))
+        return torch.stack([batch.mean((1, 2, 3)), batch.std((1, 2, 3)), batch[:, :, :4].mean((1, 2, 3))], dim=1)
+
+    rng = np.random.default_rng(4)
+    generated = rng.random((10, 8, 8, 1), dtype=np.float32)  # grey, channels-last
+    real = torch.from_numpy(rng.random((12, 3, 8, 8), dtype=np.float32) ** 3)  # RGB, channels-first
+    distance = frechet_feature_distance(generated, real, feature_extractor=mean_colour_and_contrast, batch_size=4)
+    assert all(shape[1] == 3 for shape in seen_shapes)  # grey images reach the extractor as RGB
+    assert [shape[0] for shape in seen_shapes] == [4, 4, 2, 4, 4, 4]
+    grey_as_rgb = torch.from_numpy(generated).permute(0, 3, 1, 2).repeat(1, 3, 1, 1)
+    expected = direct_frechet(
+        mean_colour_and_contrast(grey_as_rgb).double().numpy(), mean_colour_and_contrast(real).double().numpy()
+    )
+    assert distance == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        frechet_feature_distance(generated, real, feature_extractor=lambda batch: batch)
+    with pytest.raises(TypeError, match="callable"):
+        frechet_feature_distance(generated, real, feature_extractor="inception")
+
+
+def test_inception_extractor_explains_its_missing_dependency(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
+    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+        inception_feature_extractor()
