@@ -42,7 +42,7 @@ from storydiff.trajectories import (
 )
 
 VERDICT_MARKER = "<!-- verdict -->"
-SUBSETS = ("full", "pure", "mixed")
+MIN_SUBSET_SIZE = 5
 CONTROL_PROMPTS = (
     "The camera trucks right while the character moves right.",
     "The camera trucks left while the character moves right.",
@@ -156,16 +156,21 @@ def tag_reading(poses) -> str:
 # metrics
 
 
-def distribution_and_semantic_metrics(generated_emb, real_emb, text_emb, generated, segments):
-    tags = camera_tag_scores([tag_camera_motion(np.asarray(p)) for p in generated], list(segments))
+def distribution_metrics(generated_emb, real_emb) -> dict:
     prdc = precision_recall_density_coverage(real_emb, generated_emb, k=3)
     return {
         "FD_CLaTr": frechet_distance(generated_emb, real_emb),
-        "CLaTr-Score": clatr_score(generated_emb, text_emb),
         "P": prdc["precision"],
         "R": prdc["recall"],
         "D": prdc["density"],
         "C": prdc["coverage"],
+    }
+
+
+def semantic_metrics(generated_emb, text_emb, generated, segments) -> dict:
+    tags = camera_tag_scores([tag_camera_motion(np.asarray(p)) for p in generated], list(segments))
+    return {
+        "CLaTr-Score": clatr_score(generated_emb, text_emb),
         "C-P": tags["precision"],
         "C-R": tags["recall"],
         "C-F1": tags["f1"],
@@ -173,10 +178,19 @@ def distribution_and_semantic_metrics(generated_emb, real_emb, text_emb, generat
     }
 
 
+def distribution_and_semantic_metrics(generated_emb, real_emb, text_emb, generated, segments):
+    return {
+        **distribution_metrics(generated_emb, real_emb),
+        **semantic_metrics(generated_emb, text_emb, generated, segments),
+    }
+
+
 COLUMNS = ("FD_CLaTr", "CLaTr-Score", "P", "R", "D", "C", "C-P", "C-R", "C-F1", "samples")
 
 
 def markdown_table(results: dict, subset: str) -> str:
+    if any(subset not in by_subset for by_subset in results.values()):
+        return f"(no {subset} test samples)"
     lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, by_subset in results.items():
         row = by_subset[subset]
@@ -242,7 +256,11 @@ def main(argv=None):
     subset_rows = {"full": list(range(len(test_ids)))}
     for subset in ("pure", "mixed"):
         members = set(read_split_ids(args.et_root, f"{subset}_test"))
-        subset_rows[subset] = [row for row, sample_id in enumerate(test_ids) if sample_id in members]
+        rows = [row for row, sample_id in enumerate(test_ids) if sample_id in members]
+        if len(rows) >= MIN_SUBSET_SIZE:
+            subset_rows[subset] = rows
+        else:  # k-NN metrics and covariances need a handful of samples
+            print(f"Skipping the {subset} subset: {len(rows)} test samples (< {MIN_SUBSET_SIZE}).")
     arrays = test.with_format("numpy")
     real = [np.asarray(arrays[row]["camera_poses"]) for row in range(len(test))]
     characters = [np.asarray(arrays[row]["character_positions"], dtype=np.float32) for row in range(len(test))]
@@ -260,11 +278,10 @@ def main(argv=None):
     for subset, rows in subset_rows.items():
         reference = load_et(args.et_root, "train", subset, max_samples=len(rows))
         reference_emb = clatr_trajectory_embeddings(clatr, list(reference.with_format("numpy")["camera_poses"]))
-        row = distribution_and_semantic_metrics(
-            reference_emb, real_emb[rows], clatr_text[rows], [real[r] for r in rows], [segments[r] for r in rows]
-        )
-        row["CLaTr-Score"] = clatr_score(real_emb[rows], clatr_text[rows])
-        results["ground truth"][subset] = row
+        results["ground truth"][subset] = {
+            **distribution_metrics(reference_emb, real_emb[rows]),
+            **semantic_metrics(real_emb[rows], clatr_text[rows], [real[r] for r in rows], [segments[r] for r in rows]),
+        }
         # What the CLaTr-Score gives for unrelated text: real trajectories paired with shuffled captions.
         shuffled = np.random.default_rng(args.seed).permutation(rows)
         mismatched[subset] = clatr_score(real_emb[rows], clatr_text[shuffled])
