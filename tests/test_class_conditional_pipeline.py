@@ -293,3 +293,16 @@ def test_bad_components():
         ClassConditionalPipeline(scheduler=DDIMScheduler(), unet=tiny_unet(), num_classes="4")
     with pytest.raises(ValueError, match="id2label"):
         ClassConditionalPipeline(scheduler=DDIMScheduler(), unet=tiny_unet(), id2label={7: "seven"})
+
+
+def test_shipped_digits_checkpoint_loads_and_samples():
+    from storydiff.checkpoints import checkpoint_path, digits_pipeline_path
+
+    pipe = ClassConditionalPipeline.from_pretrained(digits_pipeline_path())
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.num_classes == 10 and pipe.labels["7"] == 7
+    out = pipe(class_labels=[0, 9], guidance_scale=3.0, guidance_schedule="linear", num_inference_steps=2,
+               generator=torch.manual_seed(0), output_type="np")  # fmt: skip
+    assert out.images.shape == (2, 16, 16, 1) and np.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="Available: .*digits-class-conditional"):
+        checkpoint_path("no-such-checkpoint")

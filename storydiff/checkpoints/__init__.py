@@ -11,11 +11,16 @@ _FOLDER = Path(__file__).resolve().parent
 DIGITS_CLASS_CONDITIONAL = "digits-class-conditional"
 
 
+def _is_checkpoint(path: Path) -> bool:
+    # a saved pipeline (model_index.json) or a single saved model (config.json)
+    return (path / "model_index.json").is_file() or (path / "config.json").is_file()
+
+
 def checkpoint_path(name: str) -> str:
-    """Folder of a shipped checkpoint, for `from_pretrained`."""
+    """Folder of a shipped checkpoint (a saved pipeline or model), for `from_pretrained`."""
     path = _FOLDER / name
-    if not (path / "model_index.json").is_file():
-        available = sorted(p.name for p in _FOLDER.iterdir() if (p / "model_index.json").is_file())
+    if not _is_checkpoint(path):
+        available = sorted(p.name for p in _FOLDER.iterdir() if p.is_dir() and _is_checkpoint(p))
         raise ValueError(f"No shipped checkpoint named {name!r}. Available: {', '.join(available) or '(none)'}.")
     return str(path)
 
