@@ -114,9 +114,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     @property
     def labels(self) -> Dict[str, int]:
-        """Class name -> class index, from `id2label` (empty when the pipeline has no names)."""
-        id2label = self.config.id2label or {}
-        return {name: int(index) for index, name in id2label.items()}
+        """Class name -> class index, from `id2label` (empty when the pipeline has no names). Comma-separated
+        synonyms, as in DiT's ImageNet labels ("tench, Tinca tinca"), each map to the class."""
+        labels = {}
+        for index, names in (self.config.id2label or {}).items():
+            for name in names.split(","):
+                if name.strip():
+                    labels[name.strip()] = int(index)
+        return labels
 
     def _check_num_classes(self, num_classes: Optional[int]) -> int:
         if self.unet is not None:

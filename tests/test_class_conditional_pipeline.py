@@ -195,7 +195,7 @@ def test_dit_with_vae_and_skipping():
 
 
 def test_save_load_and_custom_pipeline_loading(tmp_path):
-    pipe = unet_pipeline(id2label={0: "zero", 1: "one", 2: "two", 3: "three"})
+    pipe = unet_pipeline(id2label={0: "zero", 1: "one", 2: "two, deux", 3: "three"})
     kwargs = dict(class_labels=["two", 0], guidance_scale=2.5, guidance_schedule="linear", num_inference_steps=3)
 
     def run(p):
@@ -206,7 +206,8 @@ def test_save_load_and_custom_pipeline_loading(tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = ClassConditionalPipeline.from_pretrained(tmp_path)
     assert loaded.config.num_classes == NUM_CLASSES and loaded.transformer is None and loaded.vae is None
-    assert loaded.labels == {"zero": 0, "one": 1, "two": 2, "three": 3}
+    assert loaded.labels == {"zero": 0, "one": 1, "two": 2, "deux": 2, "three": 3}
+    assert loaded.get_label_ids(["deux", "one"]) == [2, 1]
     np.testing.assert_array_equal(run(loaded), expected)
 
     remote = DiffusionPipeline.from_pretrained(
