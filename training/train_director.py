@@ -90,6 +90,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group.add_argument("--synthetic_seed", type=int, default=0)
     group.add_argument("--synthetic_min_frames", type=int, default=30)
     group.add_argument("--subset", type=str, default="full", choices=["full", "mixed", "pure"])
+    group.add_argument(
+        "--dataset_label",
+        type=str,
+        default=None,
+        help="Data name for the model card (default: E.T. or synthetic E.T.).",
+    )
     group.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training samples.")
     group.add_argument("--caption_column", type=str, default="caption", choices=CAPTION_COLUMNS)
     group.add_argument(
@@ -550,7 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 def write_card(args, argv, metrics, text_encoder_id):
     variant = {"in_context": "A (in-context)", "adaln": "B (AdaLN)", "cross_attention": "C (cross-attention)"}
-    data = "synthetic E.T." if args.synthetic_samples else "E.T."
+    data = args.dataset_label or ("synthetic E.T." if args.synthetic_samples else "E.T.")
     if args.save_text_encoder:
         load = 'pipe = DirectorPipeline.from_pretrained("path/to/this/folder")'
     else:
