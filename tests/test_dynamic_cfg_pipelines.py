@@ -22,7 +22,7 @@ from diffusers import (
 from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.utils import logging as diffusers_logging
-from tiny_stable_diffusion import tiny_sd_components, tiny_sdxl_components
+from tiny_stable_diffusion import add_tiny_ip_adapter, tiny_sd_components, tiny_sdxl_components
 
 from storydiff import (
     GUIDANCE_SCHEDULE_KINDS,
@@ -178,6 +178,24 @@ def test_unguided_steps_run_the_conditional_half_only(flavour, tmp_path):
     handle.remove()
     assert sizes == [4, 4, 4]
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_ip_adapter_image_embeds_are_sliced_on_unguided_steps(flavour, tmp_path):
+    stock, dynamic = make_pipes(flavour, tmp_path)
+    add_tiny_ip_adapter(dynamic.unet)  # shared with `stock`
+    negative, positive = torch.zeros(1, 1, 8), torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(3))
+    common = {"num_images_per_prompt": 2, "num_inference_steps": 3}
+    cfg_embeds = [torch.cat([negative, positive])]
+
+    guided = {"negative_prompt": NEGATIVE_PROMPTS, "ip_adapter_image_embeds": cfg_embeds, **common}
+    assert np.array_equal(run(dynamic, **guided), run(stock, **guided))
+
+    expected = run(stock, guidance_scale=1.0, ip_adapter_image_embeds=[positive], **common)
+    got = run(dynamic, guidance_scale=7.5, guidance_schedule=[1.0] * 3, **guided)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # the image embedding matters: the unconditional one gives another image
+    other = run(stock, guidance_scale=1.0, ip_adapter_image_embeds=[negative], **common)
+    assert not np.allclose(other, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOKENIZER_MAX_LENGTH = 16
@@ -173,3 +175,33 @@ def tiny_sdxl_components(tmp_path, sample_size: int = 16, seed: int = 0) -> dict
         "image_encoder": None,
         "feature_extractor": None,
     }
+
+
+def add_tiny_ip_adapter(unet: UNet2DConditionModel, image_embed_dim: int = 8, num_tokens: int = 4, seed: int = 0):
+    """Give `unet` a random IP-Adapter, set up the way `UNet2DConditionModel._load_ip_adapter_weights` does: image
+    projection layers plus IP-Adapter cross-attention processors. Pipelines then take
+    `ip_adapter_image_embeds=[tensor of shape (2, 1, image_embed_dim)]` (negative and positive embedding with CFG)."""
+    torch.manual_seed(seed)
+    cross_attention_dim = unet.config.cross_attention_dim
+    block_out_channels = unet.config.block_out_channels
+    processors = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):  # self-attention has no image tokens
+            processors[name] = AttnProcessor2_0()
+            continue
+        if name.startswith("mid_block"):
+            hidden_size = block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden_size = list(reversed(block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden_size = block_out_channels[int(name[len("down_blocks.")])]
+        processors[name] = IPAdapterAttnProcessor2_0(
+            hidden_size=hidden_size, cross_attention_dim=cross_attention_dim, num_tokens=(num_tokens,), scale=1.0
+        )
+    unet.set_attn_processor(processors)
+    projection = ImageProjection(
+        image_embed_dim=image_embed_dim, cross_attention_dim=cross_attention_dim, num_image_text_embeds=num_tokens
+    )
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([projection])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    return unet
