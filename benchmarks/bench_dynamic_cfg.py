@@ -9,7 +9,7 @@ Configurations are run in a shuffled order inside every repeat, and each is comp
 repeat (median of those paired ratios), so that load from other processes on the machine cancels out.
 
     python benchmarks/bench_dynamic_cfg.py                      # writes docs/benchmarks/dynamic_cfg.md
-    python benchmarks/bench_dynamic_cfg.py --repeats 3 --output /tmp/dynamic_cfg.md
+    python benchmarks/bench_dynamic_cfg.py --repeats 3 --output /tmp/dynamic_cfg.md    # a quick look
 """
 
 import argparse
@@ -120,7 +120,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="num_inference_steps N")
     parser.add_argument("--latent-size", type=int, default=24, help="latent height and width")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per configuration")
+    parser.add_argument("--repeats", type=int, default=11, help="timed runs per configuration")
     parser.add_argument(
         "--overhead-pairs", type=int, default=4, help="stock/static pairs per repeat (the 2 %% target needs many)"
     )
