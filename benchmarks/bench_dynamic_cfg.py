@@ -5,8 +5,9 @@
 2. Saving: schedules with `k` zero-weight steps out of `N` skip the unconditional half of the batch on those steps;
    their measured time relative to static CFG is compared with the expected `(2N - k) / (2N)`.
 
-Configurations are run in a shuffled order inside every repeat, and each is compared with the static run of the same
-repeat (median of those paired ratios), so that load from other processes on the machine cancels out.
+Every measurement is a pair of runs back to back in random order (a configuration and its reference), pairs are
+shuffled in every repeat, and the tables give medians of the paired time ratios, so that load from other processes on
+the machine largely cancels out.
 
     python benchmarks/bench_dynamic_cfg.py                      # writes docs/benchmarks/dynamic_cfg.md
     python benchmarks/bench_dynamic_cfg.py --repeats 3 --output /tmp/dynamic_cfg.md    # a quick look
