@@ -15,6 +15,7 @@ writes `dynamic_cfg_digits.md` (table, command, conclusion), `dynamic_cfg_digits
 
 import argparse
 import csv
+import json
 import shlex
 import sys
 import time
@@ -62,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", default="docs/results")
     parser.add_argument("--name", default="dynamic_cfg_digits", help="file name stem of the outputs")
+    parser.add_argument(
+        "--report_only", action="store_true", help="rewrite the page and plot from <output_dir>/<name>.json"
+    )
     args = parser.parse_args(argv)
     for schedule in args.schedules:
         if schedule not in STYLES:
@@ -84,23 +88,40 @@ def bootstrap_std(features: np.ndarray, reference: np.ndarray, resamples: int, s
     return float(np.std(values))
 
 
+def best_fd_at_accuracy(curve: list, target: float) -> float:
+    """The lowest FD among a schedule's points that are at least `target` accurate (its trade-off frontier)."""
+    return min(fd for accuracy, fd in curve if accuracy >= target - 1e-9)
+
+
 def compare_at_equal_accuracy(curve: list, static_curve: list) -> dict:
-    """FD of a schedule minus static's FD interpolated at the same class accuracy, over the shared accuracy range."""
-    # Where static reaches the same accuracy more than once (at the 100 % ceiling, say), its best FD counts.
-    best_static = {}
-    for accuracy, fd in static_curve:
-        best_static[accuracy] = min(fd, best_static.get(accuracy, fd))
-    accuracies = np.array(sorted(best_static))
-    distances = np.array([best_static[accuracy] for accuracy in accuracies])
-    differences = [
-        fd - float(np.interp(accuracy, accuracies, distances))
-        for accuracy, fd in curve
-        if accuracies.min() <= accuracy <= accuracies.max()
-    ]
+    """A schedule's frontier minus static's, at every accuracy level both reach.
+
+    Guidance that is too strong lowers accuracy again, so FD is not a function of accuracy and points cannot be
+    interpolated; the frontier ("the best FD while being at least this accurate") is monotone and compares what
+    each schedule can achieve. The levels are the accuracies the two schedules reach, up to the lower maximum.
+    """
+    reach = min(max(accuracy for accuracy, _ in curve), max(accuracy for accuracy, _ in static_curve))
+    levels = sorted({accuracy for accuracy, _ in curve + static_curve if accuracy <= reach})
+    differences = [best_fd_at_accuracy(curve, level) - best_fd_at_accuracy(static_curve, level) for level in levels]
     return {
-        "num_points": len(differences),
+        "num_levels": len(levels),
         "num_better": sum(difference < 0 for difference in differences),
-        "mean_difference": float(np.mean(differences)) if differences else float("nan"),
+        "num_worse": sum(difference > 0 for difference in differences),
+        "mean_difference": float(np.mean(differences)),
+        "max_accuracy": max(accuracy for accuracy, _ in curve),
+    }
+
+
+def compare_at_equal_guidance(rows: list, kind: str) -> dict:
+    """Mean accuracy and FD differences to static at the same guidance scale (same mean weight, same cost)."""
+    static = {row["guidance_scale"]: row for row in rows if row["schedule"] == "static"}
+    pairs = [(row, static[row["guidance_scale"]]) for row in rows if row["schedule"] == kind]
+    pairs = [(row, other) for row, other in pairs if other is not None]
+    return {
+        "accuracy_difference": float(
+            np.mean([row["class_accuracy"] - other["class_accuracy"] for row, other in pairs])
+        ),
+        "fd_difference": float(np.mean([row["frechet_distance"] - other["frechet_distance"] for row, other in pairs])),
     }
 
 
@@ -141,8 +162,12 @@ def plot(path: Path, rows: list, baseline: dict, schedules: list, title: str) ->
 def main(argv=None) -> dict:
     args = parse_args(argv)
     command = "python scripts/reproduce_dynamic_cfg_digits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir)
+    if args.report_only:
+        results = json.loads((output_dir / f"{args.name}.json").read_text())
+        write_outputs(results, output_dir)
+        return results
+    torch.set_num_threads(args.num_threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint or digits_pipeline_path())
 
@@ -207,9 +232,28 @@ def main(argv=None) -> dict:
         "frechet_std": bootstrap_std(real_features, test_features, args.bootstrap, args.seed),
     }
 
+    results = {
+        "command": command.strip(),
+        "checkpoint": checkpoint.name,
+        "checkpoint_description": describe_checkpoint(checkpoint),
+        "settings": {key: value for key, value in vars(args).items() if key != "report_only"},
+        "samples_per_point": len(labels),
+        "baseline": baseline,
+        "rows": rows,
+        "reference": reference,
+    }
+    (output_dir / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    write_outputs(results, output_dir)
+    return results
+
+
+def write_outputs(results: dict, output_dir: Path) -> None:
+    """The plot, the CSV and the markdown page, from the measured numbers alone."""
+    args = argparse.Namespace(**results["settings"])
+    baseline, rows, reference = results["baseline"], results["rows"], results["reference"]
     png_path = output_dir / f"{args.name}.png"
     title = (
-        f"{len(labels)} digits per point, {args.num_inference_steps} DDIM steps, same noise; "
+        f"{results['samples_per_point']} digits per point, {args.num_inference_steps} DDIM steps, same noise; "
         f"real train digits: FD {reference['frechet_distance']:.2f}"
     )
     plot(png_path, rows, baseline, args.schedules, title)
@@ -219,12 +263,23 @@ def main(argv=None) -> dict:
         writer.writeheader()
         writer.writerows([baseline, *rows])
     markdown_path = output_dir / f"{args.name}.md"
-    markdown_path.write_text(report(args, command, checkpoint, baseline, rows, reference, len(labels)))
+    markdown_path.write_text(report(args, results))
     print(f"wrote {markdown_path}, {png_path}, {csv_path}")
-    return {"baseline": baseline, "rows": rows, "reference": reference}
 
 
-def report(args, command: str, checkpoint: Path, baseline: dict, rows: list, reference: dict, count: int) -> str:
+def describe_checkpoint(checkpoint: Path) -> str:
+    """The training length recorded next to a pipeline saved by training/train_class_conditional.py, if any."""
+    metrics_file = checkpoint / "train_metrics.json"
+    if not metrics_file.is_file():
+        return ""
+    metrics = json.loads(metrics_file.read_text())
+    steps = metrics.get("train_steps")
+    return f" ({steps} training steps, see its model card)" if steps is not None else ""
+
+
+def report(args, results: dict) -> str:
+    command, baseline, rows = results["command"], results["baseline"], results["rows"]
+    reference, count = results["reference"], results["samples_per_point"]
     curves = {
         kind: [(r["class_accuracy"], r["frechet_distance"]) for r in rows if r["schedule"] == kind]
         + [(baseline["class_accuracy"], baseline["frechet_distance"])]
@@ -242,7 +297,8 @@ def report(args, command: str, checkpoint: Path, baseline: dict, rows: list, ref
         "",
         "## Setup",
         "",
-        f"- Model: `{checkpoint.name}`, DDIM with {args.num_inference_steps} steps, eta 0.",
+        f"- Model: `{results['checkpoint']}`{results['checkpoint_description']}, DDIM with {args.num_inference_steps} steps, "
+        "eta 0.",
         f"- {args.samples_per_class} samples per class, {count} per point, all points from the same initial noise "
         f"(seed {args.seed}).",
         f"- Guidance scales g (diffusers convention, g = 1 + w): {', '.join(f'{g:g}' for g in args.guidance_scales)}, "
@@ -281,23 +337,32 @@ def report(args, command: str, checkpoint: Path, baseline: dict, rows: list, ref
         "",
         "## Comparison with static at equal class accuracy",
         "",
-        "For each point of a schedule whose accuracy lies inside static's range, static's FD is interpolated",
-        "linearly at that accuracy; a negative difference means the schedule has the lower FD at equal accuracy.",
+        "Too much guidance lowers class accuracy again, so each schedule is summarised by its trade-off frontier:",
+        "the lowest FD among its points (g = 1 included) that are at least a given accuracy. The frontiers of a",
+        "schedule and of static are compared at every accuracy level both reach; a negative difference means the",
+        "schedule reaches that accuracy with a lower FD.",
         "",
-        "| schedule | points compared | points with lower FD than static | mean FD difference | best FD (its accuracy) |",
-        "|---|---|---|---|---|",
+        "The last two columns compare each schedule with static at the same guidance scale g, that is at the same",
+        "mean guidance weight and the same cost, averaged over the swept g.",
+        "",
+        "| schedule | highest accuracy | levels compared | levels with lower FD than static | levels with higher FD "
+        "| mean FD difference | best FD (its accuracy) | same g: accuracy difference | same g: FD difference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     comparisons = {}
     for kind in args.schedules:
         best = min(curves[kind], key=lambda point: point[1])
+        highest = max(accuracy for accuracy, _ in curves[kind])
         if kind == "static":
-            lines.append(f"| static | - | - | - | {best[1]:.2f} ({best[0]:.3f}) |")
+            lines.append(f"| static | {highest:.3f} | - | - | - | - | {best[1]:.2f} ({best[0]:.3f}) | - | - |")
             continue
         comparison = compare_at_equal_accuracy(curves[kind], curves["static"])
+        comparison.update(compare_at_equal_guidance(rows, kind))
         comparisons[kind] = comparison
         lines.append(
-            f"| {kind} | {comparison['num_points']} | {comparison['num_better']} | "
-            f"{comparison['mean_difference']:+.2f} | {best[1]:.2f} ({best[0]:.3f}) |"
+            f"| {kind} | {highest:.3f} | {comparison['num_levels']} | {comparison['num_better']} | "
+            f"{comparison['num_worse']} | {comparison['mean_difference']:+.2f} | {best[1]:.2f} ({best[0]:.3f}) | "
+            f"{comparison['accuracy_difference']:+.3f} | {comparison['fd_difference']:+.2f} |"
         )
 
     lines += ["", "## Conclusion", "", *conclusion(comparisons, noise, curves), ""]
@@ -306,21 +371,22 @@ def report(args, command: str, checkpoint: Path, baseline: dict, rows: list, ref
 
 def conclusion(comparisons: dict, noise: float, curves: dict) -> list:
     """Plain statements read off the comparison table, with the sampling noise as the yardstick."""
+    static_reach = max(accuracy for accuracy, _ in curves["static"])
 
     def verdict(kind: str) -> str:
         comparison = comparisons[kind]
-        if comparison["num_points"] == 0:
-            return f"{kind}: no point inside static's accuracy range, so no comparison at equal accuracy"
         difference = comparison["mean_difference"]
         size = "within the sampling noise" if abs(difference) < noise else ("lower" if difference < 0 else "higher")
         return (
-            f"{kind}: FD {difference:+.2f} on average at equal accuracy ({comparison['num_better']} of "
-            f"{comparison['num_points']} points below static), {size}"
+            f"{kind} {difference:+.2f} FD at equal accuracy ({size}; lower at {comparison['num_better']} and higher "
+            f"at {comparison['num_worse']} of {comparison['num_levels']} levels), highest accuracy "
+            f"{comparison['max_accuracy']:.3f}"
         )
 
     statements = [
-        f"The typical bootstrap spread of one FD value is {noise:.2f}; differences smaller than that are not "
-        "meaningful at this sample count."
+        f"Static CFG reaches a class accuracy of at most {static_reach:.3f}. The typical bootstrap spread of one FD "
+        f"value is {noise:.2f}; FD differences smaller than that are not meaningful at this sample count.",
+        "",
     ]
     for group, kinds in (("Increasing schedules", INCREASING), ("Decreasing schedules", DECREASING)):
         present = [kind for kind in kinds if kind in comparisons]
@@ -330,23 +396,37 @@ def conclusion(comparisons: dict, noise: float, curves: dict) -> list:
     if others:
         statements.append("- Other shapes: " + "; ".join(verdict(kind) for kind in others) + ".")
 
-    increasing = [comparisons[k] for k in INCREASING if k in comparisons and comparisons[k]["num_points"]]
-    decreasing = [comparisons[k] for k in DECREASING if k in comparisons and comparisons[k]["num_points"]]
-    if increasing:
-        gain = float(np.mean([c["mean_difference"] for c in increasing]))
+    paper_kinds = [kind for kind in ("linear", "cosine") if kind in comparisons]
+    if paper_kinds:
+        names = " and ".join(paper_kinds)
+        gain = float(np.mean([comparisons[kind]["mean_difference"] for kind in paper_kinds]))
+        better = sum(comparisons[kind]["num_better"] for kind in paper_kinds)
+        worse = sum(comparisons[kind]["num_worse"] for kind in paper_kinds)
+        levels = sum(comparisons[kind]["num_levels"] for kind in paper_kinds)
         if gain < -noise:
-            answer = "Yes: the increasing schedules reach a lower FD than static at equal class accuracy here,"
-            answer += " as the paper reports."
+            answer = f"At equal class accuracy, yes: {names} reach it with a lower FD ({gain:+.2f} on average), as"
+            answer += " the paper reports for CIFAR-10."
         elif gain > noise:
-            answer = "No: here the increasing schedules have a higher FD than static at equal class accuracy,"
-            answer += " the opposite of the paper's finding."
+            answer = f"At equal class accuracy, no: {names} have a higher FD than static ({gain:+.2f} on average), the"
+            answer += " opposite of the paper's finding."
         else:
-            answer = "Not clearly: at equal class accuracy the increasing schedules differ from static by less than"
-            answer += " the sampling noise, so this miniature neither confirms nor contradicts the paper."
-        if decreasing:
-            loss = float(np.mean([c["mean_difference"] for c in decreasing]))
-            answer += f" The decreasing schedules average {loss:+.2f} against static ({gain:+.2f} for the increasing)."
-        statements += ["", f"**Did increasing schedules beat static?** {answer}"]
+            direction = "lower" if better > worse else "higher" if worse > better else "equal"
+            answer = (
+                f"At equal class accuracy, not measurably: {names} average {gain:+.2f} FD against static, within the "
+                f"sampling noise; their frontier is {direction} at {max(better, worse)} of {levels} accuracy levels."
+            )
+        same_accuracy = float(np.mean([comparisons[kind]["accuracy_difference"] for kind in paper_kinds]))
+        same_fd = float(np.mean([comparisons[kind]["fd_difference"] for kind in paper_kinds]))
+        answer += (
+            f" At the same guidance scale (same mean weight, same cost) {names} average {same_accuracy:+.3f} class "
+            f"accuracy and {same_fd:+.2f} FD against static"
+        )
+        decreasing_kinds = [kind for kind in DECREASING if kind in comparisons]
+        if decreasing_kinds:
+            loss_accuracy = float(np.mean([comparisons[kind]["accuracy_difference"] for kind in decreasing_kinds]))
+            loss_fd = float(np.mean([comparisons[kind]["fd_difference"] for kind in decreasing_kinds]))
+            answer += f"; the decreasing schedules {loss_accuracy:+.3f} and {loss_fd:+.2f}"
+        statements += ["", f"**Did increasing schedules beat static?** {answer}."]
     best_kind = min(curves, key=lambda kind: min(point[1] for point in curves[kind]))
     best = min(curves[best_kind], key=lambda point: point[1])
     statements.append(

@@ -1,7 +1,9 @@
 """Evaluation: the digit classifier, its metrics, its training script, and the CLIP score / FID hooks."""
 
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -247,3 +249,47 @@ def test_inception_extractor_explains_its_missing_dependency(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         inception_feature_extractor()
+
+
+def load_sweep_script():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_dynamic_cfg_digits.py"
+    spec = importlib.util.spec_from_file_location("reproduce_dynamic_cfg_digits", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduction_sweep_script_writes_its_table_plot_and_conclusion(tmp_path, keep_torch_threads):
+    sweep = load_sweep_script()
+
+    arguments = ["--schedules", "static", "linear", "--guidance_scales", "2", "4", "--num_inference_steps", "3"]
+    arguments += ["--samples_per_class", "2", "--bootstrap", "3", "--output_dir", str(tmp_path), "--name", "mini"]
+    results = sweep.main(arguments)
+    assert [(row["schedule"], row["guidance_scale"]) for row in results["rows"]] == [
+        ("static", 2.0),
+        ("linear", 2.0),
+        ("static", 4.0),
+        ("linear", 4.0),
+    ]
+    # Linear starts at w_0 = 0: its first of 3 steps skips the null-class pass.
+    assert [row["denoiser_work"] for row in results["rows"]] == pytest.approx([1, 5 / 6, 1, 5 / 6])
+    markdown = (tmp_path / "mini.md").read_text()
+    assert "| static | 2 |" in markdown and "| linear | 4 |" in markdown and "## Conclusion" in markdown
+    assert "--samples_per_class 2" in markdown  # the exact command
+    with PIL.Image.open(tmp_path / "mini.png") as image:
+        assert image.width > 400
+    assert len((tmp_path / "mini.csv").read_text().strip().splitlines()) == 1 + 1 + 4  # header, g = 1, points
+
+
+def test_equal_accuracy_comparison_uses_each_schedules_frontier():
+    sweep = load_sweep_script()
+    # Static at the 100 % ceiling twice: the better FD counts. Too much guidance can lower accuracy again.
+    static = [(0.8, 10.0), (0.9, 20.0), (1.0, 40.0), (1.0, 30.0)]
+    curve = [(0.85, 12.0), (0.95, 30.0), (1.0, 29.0), (0.5, 1.0)]
+    # levels 0.5, 0.8, 0.85, 0.9, 0.95, 1.0 -> frontiers 1, 12, 12, 29, 29, 29 against 10, 10, 20, 20, 30, 30
+    comparison = sweep.compare_at_equal_accuracy(curve, static)
+    assert (comparison["num_levels"], comparison["num_better"], comparison["num_worse"]) == (6, 4, 2)
+    assert comparison["mean_difference"] == pytest.approx((-9 + 2 - 8 + 9 - 1 - 1) / 6)
+    assert comparison["max_accuracy"] == 1.0
+    # A schedule that never gets as accurate as static is compared only up to its own highest accuracy.
+    assert sweep.compare_at_equal_accuracy([(0.8, 5.0)], static)["num_levels"] == 1

@@ -131,7 +131,8 @@ def _images_to_tensor(images) -> torch.Tensor:
         if tensor.ndim == 4 and tensor.shape[-1] in (1, 3):  # numpy is channels-last, as diffusers returns it
             tensor = tensor.permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
-        tensor = images.detach().to("cpu", torch.float32)
+        tensor = images.detach().to("cpu")
+        tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
         if tensor.ndim == 3:
             tensor = tensor.unsqueeze(1)
         if tensor.ndim == 4 and tensor.shape[1] not in (1, 3) and tensor.shape[-1] in (1, 3):
