@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["small", "paper"], choices=sorted(SIZES))
     parser.add_argument("--variants", nargs="+", default=["A", "B", "C"], choices=sorted(VARIANTS))
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[50, 100, 200, 300])
+    parser.add_argument("--lengths", nargs="*", type=int, default=[50, 100, 200, 300], help="none: skip")
     parser.add_argument("--length_batch", type=int, default=1, help="trajectories per length-scaling evaluation")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max_seconds_per_run", type=float, default=240.0)
