@@ -107,8 +107,7 @@ def dynamic_cfg_demo(
 
     from storydiff.checkpoints import digits_pipeline_path
     from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
-    from storydiff.evaluation import evaluate_digit_samples, load_digit_classifier
-    from storydiff.training.digits import digits_arrays
+    from storydiff.evaluation import balanced_real_digits, evaluate_digit_samples, load_digit_classifier
 
     output_dir = Path(output_dir)
     checkpoint = Path(checkpoint if checkpoint is not None else digits_pipeline_path())
@@ -147,11 +146,10 @@ def dynamic_cfg_demo(
             [schedule, f"{scores['class_accuracy']:.3f}", f"{scores['frechet_distance']:.2f}", f"{relative_cost:.3f}"]
         )
 
-    # Reference: as many real train digits. The classifier learned them, so their accuracy is optimistic; their
-    # Frechet distance to the test split is the floor at this sample count.
-    real_images, real_labels = digits_arrays("train", classifier.config.sample_size)
-    pick = torch.from_numpy(np.random.default_rng(seed).choice(len(real_labels), size=len(labels), replace=False))
-    real_scores = evaluate_digit_samples((real_images[pick] + 1) / 2, real_labels[pick], classifier=classifier)
+    # Reference: as many real train digits, class-balanced like the samples. The classifier learned them, so their
+    # accuracy is optimistic; their Frechet distance to the test split shows the scale of the metric at this count.
+    real_images, real_labels = balanced_real_digits("train", samples_per_class, classifier.config.sample_size, seed)
+    real_scores = evaluate_digit_samples(real_images, real_labels, classifier=classifier)
     table.append(
         [
             "real train digits (reference)",

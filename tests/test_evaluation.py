@@ -14,6 +14,7 @@ from tiny_stable_diffusion import tiny_clip_tokenizer
 
 from storydiff.evaluation import (
     DigitClassifier,
+    balanced_real_digits,
     class_accuracy,
     classifier_features,
     clip_score,
@@ -147,6 +148,15 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def test_balanced_real_digits_have_every_class_equally_often():
+    images, labels = balanced_real_digits("train", per_class=3, resolution=16, seed=1)
+    assert images.shape == (30, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
+    np.testing.assert_array_equal(np.bincount(labels), [3] * 10)
+    again, _ = balanced_real_digits("train", per_class=3, resolution=16, seed=1)
+    np.testing.assert_array_equal(images, again)
+    assert not np.array_equal(images, balanced_real_digits("train", per_class=3, resolution=16, seed=2)[0])
 
 
 def test_training_script_resumes_without_losing_or_repeating_data(tmp_path, keep_torch_threads):

@@ -9,6 +9,7 @@
 
 from .digits import (
     DigitClassifier,
+    balanced_real_digits,
     class_accuracy,
     classifier_features,
     default_digit_classifier_path,
@@ -21,6 +22,7 @@ from .real_models import clip_score, frechet_feature_distance, inception_feature
 
 __all__ = [
     "DigitClassifier",
+    "balanced_real_digits",
     "class_accuracy",
     "classifier_features",
     "clip_score",

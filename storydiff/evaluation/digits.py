@@ -213,6 +213,21 @@ def real_digit_images(split: str = "test", resolution: int = 16) -> np.ndarray:
     return ((images + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
 
 
+def balanced_real_digits(
+    split: str = "train", per_class: int = 10, resolution: int = 16, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` random real digits of every class from a split, as (images in [0, 1] like a pipeline's output,
+    labels). Class-balanced like a `ClassConditionalPipeline` batch, so it is the fair real-data reference for one."""
+    from storydiff.training.digits import digits_arrays
+
+    images, labels = digits_arrays(split, resolution)
+    labels = labels.numpy()
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(labels == label), per_class, replace=False) for label in np.unique(labels)]
+    chosen = np.concatenate(picks)
+    return ((images[chosen] + 1.0) / 2.0).permute(0, 2, 3, 1).numpy(), labels[chosen]
+
+
 def classifier_features(images, classifier: Optional[DigitClassifier] = None, batch_size: int = 512) -> np.ndarray:
     """Penultimate-layer features (N, num_features) as float64 of images in [0, 1]."""
     return _logits_and_features(images, _resolve(classifier), batch_size)[1]
