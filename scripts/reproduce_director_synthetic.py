@@ -185,6 +185,19 @@ def distribution_and_semantic_metrics(generated_emb, real_emb, text_emb, generat
     }
 
 
+def bootstrap_intervals(generated_emb, real_emb, text_emb, predicted, segments, seed, num_resamples=200) -> dict:
+    """95% percentile intervals of FD_CLaTr, CLaTr-Score and C-F1 over test samples resampled with replacement
+    (the variation due to which test captions were drawn; the generation noise and the training run are fixed)."""
+    rng = np.random.default_rng(seed)
+    draws = {"FD_CLaTr": [], "CLaTr-Score": [], "C-F1": []}
+    for _ in range(num_resamples):
+        pick = rng.integers(0, len(generated_emb), len(generated_emb))
+        draws["FD_CLaTr"].append(frechet_distance(generated_emb[pick], real_emb[pick]))
+        draws["CLaTr-Score"].append(clatr_score(generated_emb[pick], text_emb[pick]))
+        draws["C-F1"].append(camera_tag_scores([predicted[i] for i in pick], [segments[i] for i in pick])["f1"])
+    return {name: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for name, v in draws.items()}
+
+
 COLUMNS = ("FD_CLaTr", "CLaTr-Score", "P", "R", "D", "C", "C-P", "C-R", "C-F1", "samples")
 
 
@@ -196,6 +209,16 @@ def markdown_table(results: dict, subset: str) -> str:
         row = by_subset[subset]
         cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interval_table(intervals: dict, subset: str) -> str:
+    names = ("FD_CLaTr", "CLaTr-Score", "C-F1")
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for model, by_subset in intervals.items():
+        if subset in by_subset:
+            cells = [f"{low:.3f} - {high:.3f}" for low, high in (by_subset[subset][n] for n in names)]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -296,7 +319,7 @@ def main(argv=None):
         for subset, rows in subset_rows.items()
     }
 
-    pipes, timings = {}, {}
+    pipes, timings, intervals = {}, {}, {}
     for name, path in args.variants.items():
         pipe = DirectorPipeline.from_pretrained(path, text_encoder=text_encoder, tokenizer=tokenizer)
         pipe.set_progress_bar_config(disable=True)
@@ -305,6 +328,14 @@ def main(argv=None):
         generated = generate(pipe, director_text, characters, args)
         timings[name] = round(time.time() - tic, 1)
         generated_emb = clatr_trajectory_embeddings(clatr, generated)
+        predicted = [tag_camera_motion(np.asarray(poses)) for poses in generated]
+        intervals[name] = {
+            subset: bootstrap_intervals(
+                generated_emb[rows], real_emb[rows], clatr_text[rows], [predicted[r] for r in rows],
+                [segments[r] for r in rows], args.seed,
+            )
+            for subset, rows in subset_rows.items()
+        }  # fmt: skip
         results[name] = {
             subset: distribution_and_semantic_metrics(
                 generated_emb[rows], real_emb[rows], clatr_text[rows], [generated[r] for r in rows],
@@ -320,6 +351,7 @@ def main(argv=None):
     summary = {
         "results": results,
         "clatr_score_real_trajectories_shuffled_captions": mismatched,
+        "bootstrap_95_intervals": intervals,
         "controllability": {"character_sample": control_id, "readings": readings},
         "generation_seconds": timings,
         "subset_sizes": {subset: len(rows) for subset, rows in subset_rows.items()},
@@ -370,6 +402,10 @@ trajectories paired with shuffled (unrelated) captions is {", ".join(f"{k} {v:.2
 ## Measured: mixed test samples (several camera segments)
 
 {markdown_table(results, "mixed")}
+
+95% bootstrap intervals over the mixed test samples (200 resamples; generation noise and training run fixed):
+
+{interval_table(summary["bootstrap_95_intervals"], "mixed")}
 
 ## Measured: pure test samples (one camera segment)
 
