@@ -41,7 +41,7 @@ def frechet_distance_from_statistics(mean_a, cov_a, mean_b, cov_b, eps: float = 
     if mean_a.shape != mean_b.shape or cov_a.shape != cov_b.shape:
         raise ValueError(f"Statistics of different sizes: means {mean_a.shape} vs {mean_b.shape}.")
     difference = mean_a - mean_b
-    covmean, _ = linalg.sqrtm(cov_a.dot(cov_b), disp=False)
+    covmean = linalg.sqrtm(cov_a.dot(cov_b))  # (SciPy >= 1.16 deprecates `disp`; the default returns the root)
     if not np.isfinite(covmean).all():
         offset = np.eye(cov_a.shape[0]) * eps
         covmean = linalg.sqrtm((cov_a + offset).dot(cov_b + offset))

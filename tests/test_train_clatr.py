@@ -45,7 +45,8 @@ def test_train_saves_a_loadable_model_with_a_card(et_root, tmp_path):
         metrics = json.load(file)
     assert metrics["train_steps"] == 3 and metrics["final_train_loss_mean_last_100_steps"] > 0
     assert 0 <= metrics["val_text_to_trajectory_R@1"] <= 1
-    card = open(os.path.join(output, "README.md")).read()
+    with open(os.path.join(output, "README.md")) as file:
+        card = file.read()
     assert "train_clatr.py" in card and "--max_train_steps 3" in card
     # Shuffled: the first epoch does not visit the samples in order.
     assert sum(_batches(tmp_path / "log.jsonl"), [])[:8] != list(range(8))
