@@ -99,7 +99,8 @@ def test_image_folder_training_and_missing_column(tmp_path):
         (["--output_dir", "x", "--dataset", "digits", "--gradient_accumulation_steps", "0"], "gradient_accumulation"),
     ],
 )
-def test_bad_arguments(argv, match):
+def test_bad_arguments(argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever a rejected run may create stays out of the checkout
     with pytest.raises(ValueError, match=match):
         main(argv)
 
