@@ -34,7 +34,7 @@ class DemoSection:
 
 DEMO_SECTIONS: list[DemoSection] = [
     DemoSection("Dynamic classifier-free guidance on digits", "dynamic_cfg", "storydiff.demo:dynamic_cfg_demo"),
-    # DIRECTOR: DemoSection("DIRECTOR camera trajectories", "director", "storydiff.demo_director:director_demo"),
+    DemoSection("DIRECTOR camera trajectories", "director", "storydiff.demo_director:director_demo"),
 ]
 
 DEMO_CPU_THREADS = 1
