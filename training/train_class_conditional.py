@@ -14,7 +14,6 @@ Checkpoints every `--checkpointing_steps` resume exactly (`--resume_from_checkpo
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -48,6 +46,7 @@ from storydiff.training.digits import NUM_DIGIT_CLASSES, digits_arrays
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
 
 BUILT_IN_DATASETS = ("digits",)
 
@@ -300,25 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     unet = build_unet(args, in_channels, num_classes)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-    )
-    # accelerate's prepared dataloader yields len(dataloader) // num_processes batches per process; an epoch ends
-    # with a (possibly partial) accumulation, so it has ceil(batches / accumulation) optimizer updates.
-    updates_per_epoch = math.ceil(
-        math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
-    )
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
+    optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(unet.parameters(), args, accelerator, max_train_steps)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     ema = create_ema(accelerator.unwrap_model(unet), args.ema_decay, args.ema_power) if args.use_ema else None
     register_ema_checkpointing(accelerator, ema)

@@ -23,7 +23,6 @@ The result is a `DirectorPipeline` folder (model with EMA weights, `EDMHeunSched
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -32,7 +31,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -58,6 +56,7 @@ from storydiff.training.checkpointing import (
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
 from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
 from storydiff.training.model_card import training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
 from storydiff.trajectories import encode_character, poses_to_features, standardize_camera_features, tag_camera_motion
 
 MINILM_ID = "all-MiniLM-L6-v2"
@@ -417,23 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG (noise, dropout) resumable
     )
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-    )
-    updates_per_epoch = math.ceil(
-        math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
-    )
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
+    optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(model.parameters(), args, accelerator, max_train_steps)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ema = create_ema(unwrapped, args.ema_decay, args.ema_power) if args.use_ema else None
