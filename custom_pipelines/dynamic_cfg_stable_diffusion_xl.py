@@ -31,7 +31,12 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils import deprecate, is_torch_xla_available
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from storydiff.schedulers.guidance_schedule import GuidanceSchedule, GuidanceScheduleLike
+from storydiff.schedulers.guidance_schedule import (
+    GuidanceSchedule,
+    GuidanceScheduleLike,
+    conditional_half,
+    schedule_step_indices,
+)
 
 if is_torch_xla_available():
     import torch_xla.core.xla_model as xm
@@ -39,30 +44,6 @@ if is_torch_xla_available():
     XLA_AVAILABLE = True
 else:
     XLA_AVAILABLE = False
-
-
-# Copied from storydiff.custom_pipelines.dynamic_cfg_stable_diffusion.schedule_step_indices
-def schedule_step_indices(timesteps: torch.Tensor, num_inference_steps: int, order: int) -> list[int]:
-    """Index into the guidance schedule for every denoiser evaluation of the loop.
-
-    Most schedulers evaluate the denoiser once per step. PNDM repeats a timestep in its warm-up and Heun evaluates
-    twice per step at repeated timesteps: evaluations at the same timestep share a schedule step. KDPM2 evaluates at
-    intermediate timesteps: its evaluations are grouped by the scheduler's order.
-    """
-    values = timesteps.tolist()
-    if len(values) == num_inference_steps:
-        return list(range(num_inference_steps))
-    distinct = list(dict.fromkeys(values))
-    if len(distinct) == num_inference_steps:
-        position = {t: k for k, t in enumerate(distinct)}
-        return [position[t] for t in values]
-    return [min(i // order, num_inference_steps - 1) for i in range(len(values))]
-
-
-# Copied from storydiff.custom_pipelines.dynamic_cfg_stable_diffusion.conditional_half
-def conditional_half(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The conditional half of a CFG batch, which diffusers concatenates as `[unconditional, conditional]`."""
-    return None if tensor is None else tensor.chunk(2)[1]
 
 
 class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):

@@ -357,3 +357,25 @@ def _normalised(shape: torch.Tensor) -> torch.Tensor:
 def guidance_scales(schedule: GuidanceScheduleLike, guidance_scale: float, num_inference_steps: int) -> torch.Tensor:
     """Shorthand for `GuidanceSchedule.from_any(schedule).scales(guidance_scale, num_inference_steps)`."""
     return GuidanceSchedule.from_any(schedule).scales(guidance_scale, num_inference_steps)
+
+
+def schedule_step_indices(timesteps: torch.Tensor, num_inference_steps: int, order: int) -> list[int]:
+    """Index into the guidance schedule for every denoiser evaluation of the loop.
+
+    Most schedulers evaluate the denoiser once per step. PNDM repeats a timestep in its warm-up and Heun evaluates
+    twice per step at repeated timesteps: evaluations at the same timestep share a schedule step. KDPM2 evaluates at
+    intermediate timesteps: its evaluations are grouped by the scheduler's order.
+    """
+    values = timesteps.tolist()
+    if len(values) == num_inference_steps:
+        return list(range(num_inference_steps))
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) == num_inference_steps:
+        position = {t: k for k, t in enumerate(distinct)}
+        return [position[t] for t in values]
+    return [min(i // order, num_inference_steps - 1) for i in range(len(values))]
+
+
+def conditional_half(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The conditional half of a CFG batch, which diffusers concatenates as `[unconditional, conditional]`."""
+    return None if tensor is None else tensor.chunk(2)[1]
