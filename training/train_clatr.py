@@ -21,19 +21,20 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from storydiff.data import load_clatr_split, make_synthetic_et
 from storydiff.metrics import clatr_score
 from storydiff.models.clatr import CLaTrModel
-from storydiff.text_features import encode_text, load_text_encoder
+from storydiff.text_features import load_text_encoder
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
     create_accelerator,
 )
+from storydiff.training.caption_features import cached_caption_features
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
     TrainingPosition,
@@ -156,40 +157,6 @@ def trajectory_features(dataset, max_frames: int) -> list:
             raise ValueError(f"A trajectory has {len(poses)} frames; --max_frames is {max_frames}.")
         features.append(standardize_camera_features(poses_to_features(np.asarray(poses, dtype=np.float32))).float())
     return features
-
-
-def caption_features(captions, text_encoder, tokenizer, max_length: int, batch_size: int = 64) -> dict:
-    """Token features, masks and pooled vectors of all captions, trimmed to the longest real caption."""
-    chunks = [
-        encode_text(text_encoder, tokenizer, list(captions[start : start + batch_size]), max_length=max_length)
-        for start in range(0, len(captions), batch_size)
-    ]
-    tokens = torch.cat([chunk.tokens for chunk in chunks])
-    mask = torch.cat([chunk.mask for chunk in chunks])
-    longest = int(mask.sum(1).max())  # padding never changes the encoder's output, so trimming it is exact
-    return {"tokens": tokens[:, :longest].contiguous(), "mask": mask[:, :longest].contiguous(),
-            "pooled": torch.cat([chunk.pooled for chunk in chunks])}  # fmt: skip
-
-
-def cached_caption_features(path: str, captions, load_encoder, max_length: int) -> dict:
-    """Compute caption features once; a resumed run reads them back (checked against the captions)."""
-    fingerprint = _fingerprint(captions)
-    if os.path.isfile(path):
-        cached = load_file(path)
-        if cached.pop("fingerprint").tolist() == fingerprint:
-            return cached
-    text_encoder, tokenizer = load_encoder()
-    features = caption_features(captions, text_encoder, tokenizer, max_length)
-    save_file({**features, "fingerprint": torch.tensor(fingerprint)}, path)
-    return features
-
-
-def _fingerprint(captions) -> list:
-    """A stable digest of the caption list (Python's hash() is salted per process)."""
-    import hashlib
-
-    digest = hashlib.sha256("\n".join(captions).encode("utf-8")).digest()
-    return [int(byte) for byte in digest[:16]]
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -45,6 +45,7 @@ from storydiff.training.arguments import (
     check_common_training_arguments,
     create_accelerator,
 )
+from storydiff.training.caption_features import cached_caption_features
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
     TrainingPosition,
@@ -207,35 +208,6 @@ def collate(examples):
         for key in ("text_pooled", "text_tokens", "text_mask"):
             out[key] = torch.stack([example[key] for example in examples])
     return out
-
-
-def caption_features(captions, text_encoder, tokenizer, max_length: int, batch_size: int = 64) -> dict:
-    chunks = [
-        encode_text(text_encoder, tokenizer, list(captions[start : start + batch_size]), max_length=max_length)
-        for start in range(0, len(captions), batch_size)
-    ]
-    features = TextFeatures.cat(chunks)
-    longest = int(features.mask.sum(1).max())  # the model pads text tokens itself; padding is masked and zero
-    return {
-        "pooled": features.pooled,
-        "tokens": features.tokens[:, :longest].contiguous(),
-        "mask": features.mask[:, :longest].contiguous(),
-    }
-
-
-def cached_caption_features(path: str, captions, load_encoder, max_length: int) -> dict:
-    """Encode captions once; a resumed run reads them back (checked against the captions)."""
-    import hashlib
-
-    fingerprint = [int(b) for b in hashlib.sha256("\n".join(captions).encode("utf-8")).digest()[:16]]
-    if os.path.isfile(path):
-        cached = load_file(path)
-        if cached.pop("fingerprint").tolist() == fingerprint:
-            return cached
-    text_encoder, tokenizer = load_encoder()
-    features = caption_features(captions, text_encoder, tokenizer, max_length)
-    save_file({**features, "fingerprint": torch.tensor(fingerprint)}, path)
-    return features
 
 
 def prepare_et_root(args, accelerator) -> str:
