@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from storydiff.data import load_clatr_split, make_synthetic_et
+from storydiff.data import load_clatr_split
 from storydiff.metrics import clatr_score
 from storydiff.models.clatr import CLaTrModel
 from storydiff.text_features import load_text_encoder
@@ -44,6 +44,7 @@ from storydiff.training.checkpointing import (
     save_checkpoint,
 )
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.et_folder import prepare_et_root
 from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
 from storydiff.training.model_card import training_command, write_model_card
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
@@ -186,18 +187,6 @@ def evaluate(model: CLaTrModel, features: list, text: dict, batch_size: int = 64
     }
 
 
-def prepare_et_root(args, accelerator) -> str:
-    root = args.et_root or os.path.join(args.output_dir, "synthetic_et")
-    if args.synthetic_samples is not None:
-        if accelerator.is_main_process and not os.path.isfile(os.path.join(root, "clatr_train_split.txt")):
-            summary = make_synthetic_et(
-                root, args.synthetic_samples, seed=args.synthetic_seed, num_frames=(30, args.synthetic_max_frames)
-            )
-            accelerator.print(f"Wrote {len(summary['ids'])} synthetic E.T. samples to {root}")
-        accelerator.wait_for_everyone()
-    return root
-
-
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """Train; returns the output folder holding the saved model."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -208,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     accelerator = create_accelerator(args, project_name="train_clatr")
     set_seed(args.seed)
 
-    et_root = prepare_et_root(args, accelerator)
+    et_root = prepare_et_root(args, accelerator, num_frames=(30, args.synthetic_max_frames))
     train_split = load_clatr_split(et_root, "train", max_samples=args.max_train_samples)
     val_split = load_clatr_split(et_root, "val")
     text_encoder_id = args.text_encoder or MINILM_ID

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from storydiff.custom_pipelines.director import DirectorPipeline
-from storydiff.data import load_et, make_synthetic_et
+from storydiff.data import load_et
 from storydiff.models.director import CONDITIONING_TYPES, DirectorModel, drop_conditions, edm_loss
 from storydiff.schedulers.scheduling_edm_heun import EDMHeunScheduler
 from storydiff.text_features import TextFeatures, encode_text, load_text_encoder
@@ -55,6 +55,7 @@ from storydiff.training.checkpointing import (
     save_checkpoint,
 )
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.et_folder import prepare_et_root
 from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
 from storydiff.training.model_card import training_command, write_model_card
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
@@ -210,21 +211,6 @@ def collate(examples):
     return out
 
 
-def prepare_et_root(args, accelerator) -> str:
-    root = args.et_root or os.path.join(args.output_dir, "synthetic_et")
-    if args.synthetic_samples is not None:
-        if accelerator.is_main_process and not os.path.isfile(os.path.join(root, "full_train_split.txt")):
-            summary = make_synthetic_et(
-                root,
-                args.synthetic_samples,
-                seed=args.synthetic_seed,
-                num_frames=(args.synthetic_min_frames, args.num_frames),
-            )
-            accelerator.print(f"Wrote {len(summary['ids'])} synthetic E.T. samples to {root}")
-        accelerator.wait_for_everyone()
-    return root
-
-
 def batch_text(batch, text_encoder, tokenizer, max_length: int, device) -> tuple:
     if "caption" in batch:  # on the fly
         features = encode_text(text_encoder, tokenizer, batch["caption"], max_length=max_length, device=device)
@@ -334,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     accelerator = create_accelerator(args, project_name="train_director")
     set_seed(args.seed)
 
-    et_root = prepare_et_root(args, accelerator)
+    et_root = prepare_et_root(args, accelerator, num_frames=(args.synthetic_min_frames, args.num_frames))
     train_split = load_et(et_root, "train", args.subset, max_samples=args.max_train_samples)
     test_split = load_et(et_root, "test", args.subset)
     text_encoder_id = args.text_encoder or MINILM_ID

@@ -398,6 +398,12 @@ def _write_split(root: str, name: str, ids: Sequence[str]) -> None:
         file.write("\n".join(sorted(ids)))  # no trailing newline: the reference loader splits on "\n"
 
 
+def synthetic_et_is_complete(root) -> bool:
+    """Whether `root` holds a finished `make_synthetic_et` run. Split files are written last: without all of them,
+    traj/ holds an interrupted generation, which `make_synthetic_et` replaces."""
+    return all(os.path.isfile(os.path.join(os.fspath(root), f"{name}_split.txt")) for name in _SPLIT_NAMES)
+
+
 def make_synthetic_et(
     root: Union[str, os.PathLike],
     num_samples: int,
@@ -426,8 +432,7 @@ def make_synthetic_et(
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
     root = os.fspath(root)
-    # split files are written last: without them, traj/ holds an interrupted generation, which is replaced
-    complete = all(os.path.isfile(os.path.join(root, f"{name}_split.txt")) for name in _SPLIT_NAMES)
+    complete = synthetic_et_is_complete(root)
     if os.path.isdir(os.path.join(root, "traj")) and os.listdir(os.path.join(root, "traj")):
         if complete and not overwrite:
             raise ValueError(
