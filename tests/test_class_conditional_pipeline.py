@@ -12,15 +12,6 @@ NUM_CLASSES = 4
 SIZE = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest single-threaded on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(num_class_embeds=NUM_CLASSES + 1):
     torch.manual_seed(0)
     return UNet2DModel(

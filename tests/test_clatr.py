@@ -6,15 +6,6 @@ import torch
 from storydiff import CLaTrModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU run far faster single-threaded than with oversubscribed threads.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny(**overrides):
     config = dict(text_embed_dim=12, latent_dim=16, num_layers=2, num_heads=2, ff_size=32, max_frames=40)
     config.update(overrides)

@@ -13,14 +13,6 @@ from storydiff.training.convert_director_checkpoint import convert_checkpoint, c
 HIDDEN, HEADS, LAYERS, FRAMES, TEXT, TOKENS, REGISTERS, MLP = 32, 4, 2, 12, 16, 77, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def original_state_dict(variant, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = {}

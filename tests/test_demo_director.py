@@ -1,18 +1,9 @@
 """The DIRECTOR demo section on a tiny random pipeline (MiniLM width), saved without its text encoder."""
 
-import pytest
 import torch
 
 from storydiff import DirectorModel, DirectorPipeline, EDMHeunScheduler
 from storydiff.demo_director import demo_character, director_demo
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_director_demo_writes_plot_table_and_exports(tmp_path):

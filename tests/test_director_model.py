@@ -7,16 +7,6 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from storydiff import DirectorModel
 from storydiff.models.director import drop_conditions, edm_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread start-up costs more than it saves, and the CI machine is shared
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 VARIANTS = ["in_context", "adaln", "cross_attention"]
 FRAMES, TEXT_DIM, TEXT_LEN = 24, 16, 8
 

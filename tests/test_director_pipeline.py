@@ -13,14 +13,6 @@ from storydiff.text_features import encode_text, load_text_encoder
 FRAMES = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_clip(folder, hidden_size=16):
     letters = "abcdefghijklmnopqrstuvwxyz.,"
     vocab = ["<|startoftext|>", "<|endoftext|>", "!"] + list(letters) + [c + "</w>" for c in letters]

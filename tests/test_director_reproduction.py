@@ -14,14 +14,6 @@ from storydiff.data import make_synthetic_et
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "reproduce_director_synthetic.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _load_script():
     spec = importlib.util.spec_from_file_location("reproduce_director_synthetic", SCRIPT)
     module = importlib.util.module_from_spec(spec)

@@ -68,14 +68,10 @@ FLAVOURS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def quiet_single_thread():
-    # Tiny models are dominated by per-op overhead; one thread is faster and steadier on a shared CPU.
-    threads = torch.get_num_threads()
+def quiet_diffusers():
     verbosity = diffusers_logging.get_verbosity()
-    torch.set_num_threads(1)
     diffusers_logging.set_verbosity_error()
     yield
-    torch.set_num_threads(threads)
     diffusers_logging.set_verbosity(verbosity)
 
 

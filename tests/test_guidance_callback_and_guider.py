@@ -26,15 +26,6 @@ PROMPTS = ["a cat", "the dog and the cat"]
 SDXL_CFG_TENSORS = ["prompt_embeds", "add_text_embeds", "add_time_ids"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: threading overhead dominates, and the test machine's cores are shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd_pipe(tmp_path_factory):
     pipe = StableDiffusionPipeline(**tiny_sd_components(tmp_path_factory.mktemp("sd")))
