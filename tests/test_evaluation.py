@@ -133,7 +133,7 @@ def test_shipped_classifier_recognises_held_out_digits():
     assert default_digit_classifier_path().joinpath("README.md").is_file()
     resolution = classifier.config.sample_size
     test_images = real_digit_images("test", resolution)
-    from storydiff.training.digits import digits_arrays
+    from storydiff.data.digits import digits_arrays
 
     _, test_labels = digits_arrays("test", resolution)
     assert class_accuracy(test_images, test_labels) > 0.95

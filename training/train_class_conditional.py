@@ -4,7 +4,7 @@
     python training/train_class_conditional.py --train_data_dir my_images/ --resolution 32 --output_dir out
     python training/train_class_conditional.py --dataset_name user/dataset --image_column img --label_column y ...
 
-Data: the built-in digits (scikit-learn's 8x8 digits upsampled, training split of training/digits.py), an image
+Data: the built-in digits (scikit-learn's 8x8 digits upsampled, training split of storydiff/data/digits.py), an image
 folder laid out as one sub-folder per class (`datasets` "imagefolder"), or a Hub dataset with an image and a label
 column. The UNet has `num_classes + 1` class embeddings; with probability `--class_dropout_prob` a label is replaced
 by the last one, the null class, so one model gives both predictions CFG needs. Trained with the DDPM epsilon loss;
@@ -42,7 +42,7 @@ from storydiff.training.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from storydiff.training.digits import NUM_DIGIT_CLASSES, digits_arrays
+from storydiff.data.digits import NUM_DIGIT_CLASSES, digits_arrays
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import training_command, write_model_card

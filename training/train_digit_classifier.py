@@ -25,7 +25,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from storydiff.evaluation.digits import DigitClassifier
-from storydiff.training.digits import NUM_DIGIT_CLASSES, digits_arrays
+from storydiff.data.digits import NUM_DIGIT_CLASSES, digits_arrays
 
 EPOCH_FILE = "epoch.json"
 
@@ -98,7 +98,7 @@ def write_model_card(output_dir: Path, args, metrics: dict, command: str, num_pa
 
 A `storydiff.evaluation.DigitClassifier` (a small CNN, block widths {"-".join(map(str, args.block_out_channels))},
 {num_parameters:,} parameters) trained on the train split of scikit-learn's digits upsampled to
-{args.resolution}x{args.resolution} (`storydiff.training.digits`, stratified 80/20 split, seed 0). storydiff uses it
+{args.resolution}x{args.resolution} (`storydiff.data.digits`, stratified 80/20 split, seed 0). storydiff uses it
 to score class-conditional samples: class accuracy, and a Frechet distance between its
 {args.block_out_channels[-1]}-d penultimate features of generated digits and of the held-out test split.
 

@@ -207,7 +207,7 @@ def _check_labels(labels, num_images: int, num_classes: int) -> np.ndarray:
 
 def real_digit_images(split: str = "test", resolution: int = 16) -> np.ndarray:
     """Real digits of a split as (N, resolution, resolution, 1) float32 in [0, 1], like a pipeline's output."""
-    from storydiff.training.digits import digits_arrays
+    from storydiff.data.digits import digits_arrays
 
     images, _ = digits_arrays(split, resolution)
     return ((images + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
@@ -218,7 +218,7 @@ def balanced_real_digits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`per_class` random real digits of every class from a split, as (images in [0, 1] like a pipeline's output,
     labels). Class-balanced like a `ClassConditionalPipeline` batch, so it is the fair real-data reference for one."""
-    from storydiff.training.digits import digits_arrays
+    from storydiff.data.digits import digits_arrays
 
     images, labels = digits_arrays(split, resolution)
     labels = labels.numpy()
