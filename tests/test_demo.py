@@ -9,12 +9,13 @@ import PIL.Image
 import pytest
 
 import storydiff.demo as demo
+import storydiff.demo.dynamic_cfg as dynamic_cfg
 from storydiff.cli import main
 
 
 def test_demo_command_writes_the_grid_and_the_metrics_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "DEMO_SAMPLES_PER_CLASS", 2)
-    monkeypatch.setattr(demo, "DEMO_INFERENCE_STEPS", 4)
+    monkeypatch.setattr(dynamic_cfg, "DEMO_SAMPLES_PER_CLASS", 2)
+    monkeypatch.setattr(dynamic_cfg, "DEMO_INFERENCE_STEPS", 4)
     output_dir = tmp_path / "outputs"
     assert main(["demo", "--output-dir", str(output_dir)]) == 0
 

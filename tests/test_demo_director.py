@@ -3,7 +3,7 @@
 import torch
 
 from storydiff import DirectorModel, DirectorPipeline, EDMHeunScheduler
-from storydiff.demo_director import demo_character, director_demo
+from storydiff.demo.director import demo_character, director_demo
 
 
 def test_director_demo_writes_plot_table_and_exports(tmp_path):

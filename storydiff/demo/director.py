@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from storydiff.demo import save_figure, write_text
+
 DEMO_PROMPTS = (
     "The camera trucks right while the character moves right.",
     "The camera trucks left while the character moves right.",
@@ -66,7 +68,7 @@ def director_demo(
 
     from storydiff.custom_pipelines.director import DirectorPipeline
     from storydiff.text_features import load_text_encoder
-    from storydiff.trajectories import plot_trajectory, save_blender_script, save_kitti
+    from storydiff.trajectories import plot_trajectory, to_blender_script, to_kitti
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -91,15 +93,15 @@ def director_demo(
         plot_trajectory(poses, character=character, ax=ax, title=f"{prompt}\ntagger: {reading}")
         ax.title.set_fontsize(7)
         stem = f"director_{index}"
-        save_kitti(output_dir / f"{stem}_camera.txt", poses)
-        save_blender_script(output_dir / f"{stem}_blender.py", poses, character=character)
+        write_text(output_dir / f"{stem}_camera.txt", to_kitti(poses))
+        write_text(output_dir / f"{stem}_blender.py", to_blender_script(poses, character=character))
         written += [output_dir / f"{stem}_camera.txt", output_dir / f"{stem}_blender.py"]
     figure.suptitle(
         f"DIRECTOR ({Path(checkpoint).name}): one character walking right, four camera prompts", fontsize=9
     )
     figure.tight_layout()
     figure_path = output_dir / "director_trajectories.png"
-    figure.savefig(figure_path, dpi=110)
+    save_figure(figure, figure_path, dpi=110)
     plt.close(figure)
 
     table_path = output_dir / "director_tagger.md"
@@ -110,5 +112,5 @@ def director_demo(
         "|---|---|",
         *[f"| {prompt} | {reading} |" for prompt, reading in rows],
     ]
-    table_path.write_text("\n".join(lines) + "\n")
+    write_text(table_path, "\n".join(lines) + "\n")
     return [figure_path, table_path, *written]

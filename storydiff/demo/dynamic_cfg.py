@@ -1,57 +1,20 @@
-"""`storydiff demo`: the main job. Offline, on CPU, from the checkpoints shipped in `storydiff/checkpoints/`.
-
-The demo is a list of sections, `DEMO_SECTIONS`. Each section is a function `section(output_dir: Path, device: str)
--> list[Path]` that writes its figures and tables into `output_dir` (file names prefixed with the section's slug)
-and returns the paths it wrote. A capability adds its demo with one line in `DEMO_SECTIONS`; the function is
-imported only when the demo runs, so a section's heavy imports cost nothing elsewhere.
+"""The dynamic classifier-free guidance section of `storydiff demo`: the shipped class-conditional digits model
+samples every class from the same noise under several guidance schedules; a grid and a scored table compare them.
 """
 
-import csv
-import importlib
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-DemoSectionFunction = Callable[[Path, str], list]
-
-
-@dataclass(frozen=True)
-class DemoSection:
-    """One part of `storydiff demo`: a title, a file-name slug and `"module:function"` of the function to run."""
-
-    title: str
-    slug: str
-    function: str
-
-    def load(self) -> DemoSectionFunction:
-        module_name, _, function_name = self.function.partition(":")
-        return getattr(importlib.import_module(module_name), function_name)
-
-
-DEMO_SECTIONS: list[DemoSection] = [
-    DemoSection("Dynamic classifier-free guidance on digits", "dynamic_cfg", "storydiff.demo:dynamic_cfg_demo"),
-    DemoSection("DIRECTOR camera trajectories", "director", "storydiff.demo_director:director_demo"),
-]
-
-DEMO_CPU_THREADS = 1
-
-# ----------------------------------------------------------------------------------------------- dynamic CFG
+from storydiff.demo import markdown_table, save_figure, write_csv, write_text
 
 DEMO_SCHEDULES = ("static", "linear", "cosine")
 DEMO_GUIDANCE_SCALE = 3.0
 DEMO_INFERENCE_STEPS = 20
 DEMO_SAMPLES_PER_CLASS = 10
 DEMO_SEED = 0
-
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _save_comparison_grid(path: Path, rows: dict, title: str) -> None:
@@ -77,7 +40,7 @@ def _save_comparison_grid(path: Path, rows: dict, title: str) -> None:
                 axis.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 
@@ -167,58 +130,14 @@ def dynamic_cfg_demo(
         f"Same noise, guidance_scale {guidance_scale}, {num_inference_steps} DDIM steps",
     )
     markdown_path = output_dir / "dynamic_cfg_metrics.md"
-    markdown_path.write_text(
+    write_text(
+        markdown_path,
         f"# Dynamic CFG on digits\n\n{samples_per_class} samples per class ({len(labels)} per schedule), "
         f"guidance_scale {guidance_scale} (w = {guidance_scale - 1:g}), {num_inference_steps} DDIM steps, seed {seed}, "
         f"checkpoint `{checkpoint.name}`. Class accuracy by the project's digit classifier; Frechet distance in its "
         "feature space against the held-out test digits (lower is better; compare only at equal sample counts).\n\n"
-        + _markdown_table(header, table)
+        + markdown_table(header, table),
     )
-    csv_path = output_dir / "dynamic_cfg_metrics.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(table)
-    print("\n" + _markdown_table(header, table))
+    csv_path = write_csv(output_dir / "dynamic_cfg_metrics.csv", header, table)
+    print("\n" + markdown_table(header, table))
     return [grid_path, markdown_path, csv_path]
-
-
-# ----------------------------------------------------------------------------------------------- entry point
-
-
-def run_demo(
-    output_dir: Union[str, Path] = "outputs", device: str = "cpu", sections: Optional[Sequence[str]] = None
-) -> dict:
-    """Run every demo section (or only those whose slug is in `sections`) and print where the results are.
-
-    Returns `{slug: [paths written]}`.
-    """
-    available = {section.slug: section for section in DEMO_SECTIONS}
-    if sections is not None:
-        unknown = [slug for slug in sections if slug not in available]
-        if unknown:
-            raise ValueError(f"Unknown demo sections {unknown}; available: {', '.join(available)}.")
-    chosen = [section for section in DEMO_SECTIONS if sections is None or section.slug in sections]
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    written = {}
-    threads = torch.get_num_threads()
-    if str(device) == "cpu":
-        # The demo's models are tiny: one thread per process runs their small convolutions fastest, and several
-        # threads slow down sharply when the CPU is shared with other work.
-        torch.set_num_threads(DEMO_CPU_THREADS)
-    try:
-        for number, section in enumerate(chosen, start=1):
-            print(f"[{number}/{len(chosen)}] {section.title}")
-            start = time.perf_counter()
-            written[section.slug] = [Path(path) for path in section.load()(output_dir, device)]
-            print(f"[{number}/{len(chosen)}] done in {time.perf_counter() - start:.1f} s")
-    finally:
-        torch.set_num_threads(threads)
-
-    print(f"\nstorydiff demo wrote {sum(len(paths) for paths in written.values())} files to {output_dir.resolve()}:")
-    for paths in written.values():
-        for path in paths:
-            print(f"  {path.resolve()}")
-    return written
