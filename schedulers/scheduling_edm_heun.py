@@ -7,6 +7,7 @@ The model is expected to return the denoised sample `D(x; sigma)` (EDM precondit
 `model(sample, t)` with `t` from `scheduler.timesteps`.
 """
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -37,6 +38,17 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """`num_steps` noise levels evenly spaced in log from `sigma_max` down to `sigma_min` (k-diffusion's
+    `get_sigmas_exponential`, diffusers' EDM `sigma_schedule="exponential"`), float64."""
+    if num_steps == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), num_steps, dtype=torch.float64).exp()
+
+
+SIGMA_SCHEDULES = ("karras", "exponential")
+
+
 class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
     r"""Deterministic EDM Heun sampler over Karras sigmas.
 
@@ -45,6 +57,14 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
     step and stores it (`state_in_first_order` is then `False`); the second evaluates the model at the Euler
     estimate and applies the trapezoidal correction. The last step goes to sigma 0 and is Euler only.
 
+    Configs convert both ways with diffusers' EDM schedulers (`_compatibles`): `EDMHeunScheduler.from_config(
+    EDMEulerScheduler(...).config)` keeps `sigma_min`, `sigma_max`, `sigma_data`, `rho` and `sigma_schedule`, and
+    `EDMEulerScheduler.from_config(EDMHeunScheduler(...).config)` likewise. The model contract differs, though: this
+    scheduler hands out the noise levels as `timesteps`, scales nothing and expects the model to return the denoised
+    sample (the model does its own EDM preconditioning, as `DirectorModel` does), whereas diffusers' EDM schedulers
+    hand out `c_noise`, scale inputs by `c_in` and precondition a raw network output (`prediction_type`, which this
+    scheduler therefore does not take). Swap between them only together with a model built for the other contract.
+
     Args:
         sigma_min (`float`, defaults to 0.002): the smallest noise level sampled.
         sigma_max (`float`, defaults to 80.0): the starting noise level; `init_noise_sigma`.
@@ -52,9 +72,12 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             for pipelines and training scripts; sampling itself does not use it).
         rho (`float`, defaults to 40.0): Karras schedule exponent (DIRECTOR uses 40; EDM's image default is 7).
         num_train_timesteps (`int`, defaults to 1000): unused by sampling; kept for diffusers' scheduler API.
+        sigma_schedule (`str`, defaults to `"karras"`): `"karras"` (EDM's schedule, spaced by `rho`) or
+            `"exponential"` (evenly spaced in log sigma, `rho` unused), as in diffusers' EDM schedulers.
     """
 
-    _compatibles = []
+    # diffusers' EDM schedulers whose configs this one reads and writes (see the class docstring for the model side)
+    _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
     order = 2
 
     @register_to_config
@@ -65,11 +88,14 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         sigma_data: float = 0.5,
         rho: float = 40.0,
         num_train_timesteps: int = 1000,
+        sigma_schedule: str = "karras",
     ):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"Need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
         if rho <= 0:
             raise ValueError(f"`rho` must be > 0, got {rho}.")
+        if sigma_schedule not in SIGMA_SCHEDULES:
+            raise ValueError(f"`sigma_schedule` must be one of {SIGMA_SCHEDULES}, got {sigma_schedule!r}.")
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
@@ -109,7 +135,11 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         device: Union[str, torch.device, None] = None,
         sigmas: Optional[Union[List[float], torch.Tensor]] = None,
     ):
-        """Prepare the schedule for `num_inference_steps` Heun steps (or for custom decreasing `sigmas`, 0 excluded)."""
+        """Prepare the schedule for `num_inference_steps` Heun steps (or for custom decreasing `sigmas`, 0 excluded).
+
+        `timesteps` are put on `device` (the pipeline's, for the model calls); `sigmas` stay on the CPU, as in
+        diffusers' EDM schedulers, so that `step` needs no device round trip to read them.
+        """
         if (num_inference_steps is None) == (sigmas is None):
             raise ValueError("Pass exactly one of `num_inference_steps` or `sigmas`.")
         if sigmas is None:
@@ -117,27 +147,49 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
                 raise TypeError(f"`num_inference_steps` must be an int, got {type(num_inference_steps).__name__}.")
             if num_inference_steps < 1:
                 raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-            sigmas = karras_sigmas(num_inference_steps, self.config.sigma_min, self.config.sigma_max, self.config.rho)
+            config = self.config
+            if config.sigma_schedule == "exponential":
+                sigmas = exponential_sigmas(num_inference_steps, config.sigma_min, config.sigma_max)
+            else:
+                sigmas = karras_sigmas(num_inference_steps, config.sigma_min, config.sigma_max, config.rho)
         else:
-            sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+            sigmas = torch.as_tensor(sigmas).detach().cpu().to(torch.float64).flatten()
             if len(sigmas) == 0 or not torch.all(sigmas > 0) or not torch.all(sigmas[1:] < sigmas[:-1]):
                 raise ValueError("Custom `sigmas` must be positive and strictly decreasing (0 is appended).")
         self.num_inference_steps = len(sigmas)
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
         # [s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0]: one entry per `step` call plus the final 0
-        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]).to(device)
-        self.timesteps = self.sigmas[:-1].clone()
+        self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+        self.timesteps = self.sigmas[:-1].to(device)
         self._step_index = None
         self._begin_index = None
         self._reset_state()
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        timestep = torch.as_tensor(timestep, dtype=schedule_timesteps.dtype, device=schedule_timesteps.device)
-        indices = torch.isclose(schedule_timesteps, timestep, rtol=1e-6, atol=0).nonzero()
+        """Position of `timestep` (a noise level from `timesteps`, on any device, in any float dtype) in the schedule.
+
+        A timestep given in a lower precision than the schedule's (say cast to the pipeline's float16) is matched
+        against the schedule rounded to that precision; a repeated noise level is entered at its first (Euler) call.
+        """
+        # `sigmas[:-1]` equals `timesteps` and lives on the CPU
+        schedule_timesteps = self.sigmas[:-1] if schedule_timesteps is None else schedule_timesteps.detach().cpu()
+        timestep = torch.as_tensor(timestep).detach().cpu()
+        if timestep.numel() != 1:
+            raise ValueError(f"Expected one timestep, got a tensor of shape {tuple(timestep.shape)}.")
+        timestep = timestep.reshape(())
+        if (
+            timestep.is_floating_point()
+            and torch.finfo(timestep.dtype).bits < torch.finfo(schedule_timesteps.dtype).bits
+        ):
+            schedule_timesteps = schedule_timesteps.to(timestep.dtype)
+        timestep = timestep.to(schedule_timesteps.dtype)
+        indices = torch.isclose(schedule_timesteps.double(), timestep.double(), rtol=1e-6, atol=0).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"Timestep {float(timestep)} is not in the schedule {schedule_timesteps.tolist()}.")
-        # a repeated noise level is entered at its first (Euler) call
+            raise ValueError(
+                f"Timestep {float(timestep)} is not in the schedule: pass one of `scheduler.timesteps` "
+                f"({len(schedule_timesteps)} noise levels from {float(schedule_timesteps.max()):.4g} down to "
+                f"{float(schedule_timesteps.min()):.4g}), or call `set_begin_index` first."
+            )
         return int(indices[0].item())
 
     def _init_step_index(self, timestep):
@@ -147,9 +199,8 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self._begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """Identity: the EDM input scaling `c_in` is applied inside the model."""
-        if self.step_index is None and timestep is not None:
-            self._init_step_index(timestep)
+        """Identity: the EDM input scaling `c_in` is applied inside the model. `timestep` is accepted for diffusers'
+        API and not needed (the step index is found by `step`), so any value, in the schedule or not, is fine."""
         return sample
 
     def step(
@@ -177,15 +228,16 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         else:
             sigma, sigma_next = self.sigmas[self.step_index - 1], self.sigmas[self.step_index]
+        last_step = bool(sigma_next == 0)  # read on the CPU, where `sigmas` live: no device sync
         sigma, sigma_next = sigma.to(sample.device), sigma_next.to(sample.device)
-        denoised = model_output.to(torch.float32)
+        denoised = model_output.to(device=sample.device, dtype=torch.float32)
         current = sample.to(torch.float32)
 
         if self.state_in_first_order:
             derivative = (current - denoised) / sigma
             dt = sigma_next - sigma
             prev_sample = current + derivative * dt
-            if sigma_next > 0:  # keep the Euler step for the correction; the last step (to 0) is Euler only
+            if not last_step:  # keep the Euler step for the correction; the last step (to 0) is Euler only
                 self.prev_derivative, self.dt, self.sample = derivative, dt, current
         else:
             derivative = (current - denoised) / sigma_next
@@ -200,9 +252,19 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         return EDMHeunSchedulerOutput(prev_sample=prev_sample, pred_original_sample=model_output)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """`x + sigma * noise`, where `timesteps` are the noise levels (one per sample, or one for all)."""
-        sigma = torch.as_tensor(timesteps, device=original_samples.device, dtype=original_samples.dtype).flatten()
-        sigma = sigma.view(-1, *([1] * (original_samples.ndim - 1)))
+        """`x + sigma * noise`, where `timesteps` are the noise levels: values of `scheduler.timesteps` (on any device,
+        in any float dtype) or any other sigma >= 0 (EDM training draws them freely), one per sample or one for all.
+        The result has the dtype and device of `original_samples`, as in diffusers' EDM schedulers."""
+        sigma = torch.as_tensor(timesteps).detach().to(device=original_samples.device, dtype=torch.float32).flatten()
+        batch = original_samples.shape[0] if original_samples.ndim > 0 else 1
+        if sigma.numel() not in (1, batch):
+            raise ValueError(
+                f"`timesteps` must hold one noise level or one per sample ({batch}), got {sigma.numel()}."
+            )
+        if not torch.isfinite(sigma).all() or (sigma < 0).any():
+            raise ValueError(f"`timesteps` are noise levels and must be finite and >= 0, got {sigma.tolist()}.")
+        sigma = sigma.to(original_samples.dtype).view(-1, *([1] * (original_samples.ndim - 1)))
+        noise = noise.to(device=original_samples.device, dtype=original_samples.dtype)
         return original_samples + sigma * noise
 
     def __len__(self):
