@@ -54,8 +54,8 @@ def test_short_digits_run_saves_loadable_pipeline_card_and_logs(tmp_path):
     assert "library_name: diffusers" in card and "- class-conditional" in card
     assert "training/train_class_conditional.py --dataset digits" in card and "--max_train_steps 3" in card
     metrics = json.loads((out / "train_metrics.json").read_text())
-    assert metrics["train_steps"] == 3 and np.isfinite(metrics["final_train_loss_mean_last_100_steps"])
-    assert f"| final_train_loss_mean_last_100_steps | {metrics['final_train_loss_mean_last_100_steps']:.4g} |" in card
+    assert metrics["train_steps"] == 3 and np.isfinite(metrics["train_loss_mean_last_3_steps"])
+    assert f"| train_loss_mean_last_3_steps | {metrics['train_loss_mean_last_3_steps']:.4g} |" in card
 
     pipe = ClassConditionalPipeline.from_pretrained(out)
     assert pipe.config.num_classes == 10 and pipe.unet.config.num_class_embeds == 11

@@ -2,27 +2,46 @@
 
 A new script::
 
-    parser = argparse.ArgumentParser(description="Train X.")
+    parser = training_argument_parser("Train X.")       # --help shows every default
     add_common_training_arguments(parser)               # output, optimisation, EMA, checkpoints, logging, hub
     parser.add_argument("--my_model_flag", ...)          # its own flags
     args = parser.parse_args(argv)
-    check_common_training_arguments(args)
-    accelerator = create_accelerator(args, project_name="train_x")
+    check_common_training_arguments(args)                # lr finite and > 0, counts >= 1, ...
+    check_path_or_hub_id("--text_encoder", args.text_encoder)   # a folder that exists, or a Hub id
+    accelerator = create_accelerator(args, project_name="train_x")   # first checks that output_dir is writable
+
+This module imports neither torch nor accelerate at import time: a script parses its flags first, so that `--help`
+and a bad flag answer at once instead of after seconds of imports.
 
 The matching utilities live next to this file: checkpointing.py (checkpoint/resume without losing or repeating
-data), ema.py (EMA saved in checkpoints), model_card.py (README.md model card), hub.py (`--push_to_hub`).
+data, refused when the settings changed), datasets_loading.py (image datasets, offline for local data),
+run_guards.py (Ctrl-C, non-finite loss, writable output), ema.py (EMA saved in checkpoints), model_card.py
+(README.md model card), sample_grids.py (labelled sample grids), hub.py (`--push_to_hub`).
 Hidden `--debug_*` flags exist for tests (they are not shown by `--help`).
 """
 
 import argparse
+import copy
+import math
 import os
-
-import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+import re
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
+
+
+def training_argument_parser(description: str) -> argparse.ArgumentParser:
+    """An `ArgumentParser` whose `--help` shows each flag's default and keeps the description's line breaks."""
+    return argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _format_action(self, action):
+        # argparse lists the default only for flags that have a help text; every flag should show it.
+        if action.help is None and action.option_strings:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def add_common_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,6 +85,12 @@ def add_common_training_arguments(parser: argparse.ArgumentParser) -> argparse.A
         default=None,
         help="'latest' (newest checkpoint in output_dir; starts fresh when there is none) or a checkpoint folder.",
     )
+    group.add_argument(
+        "--allow_resume_with_changed_settings",
+        action="store_true",
+        help="Resume even if batch size, accumulation, seed, data, model or process count differ from the "
+        "checkpoint's (a warning lists them; the resumed run is then not the one the checkpoint started).",
+    )
 
     group = parser.add_argument_group("hub")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hub.")
@@ -77,6 +102,8 @@ def add_common_training_arguments(parser: argparse.ArgumentParser) -> argparse.A
     # the process at a known point.
     parser.add_argument("--debug_example_log", type=str, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug_step_sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+    # For tests: make the loss of this optimizer update NaN, to exercise the non-finite loss guard.
+    parser.add_argument("--debug_nan_loss_at_step", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -89,16 +116,47 @@ def check_common_training_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}.")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise ValueError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}.")
+    if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:
+        raise ValueError(
+            f"--max_train_samples must be >= 1 (or left out for all examples), got {args.max_train_samples}."
+        )
     if args.torch_num_threads is not None and args.torch_num_threads < 1:
         raise ValueError(f"--torch_num_threads must be >= 1, got {args.torch_num_threads}.")
     if args.lr_warmup_steps < 0:
         raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}.")
 
 
-def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator:
-    """An `Accelerator` with the shared flags applied, its trackers started (TensorBoard by default)."""
+# A Hub repo id: "name" or "namespace/name" of letters, digits, "-", "_", "." (huggingface_hub's rule).
+_HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def check_path_or_hub_id(flag: str, value) -> None:
+    """For flags that take "a local folder or a Hub id": a value that looks like a path (it starts with `/`, `.`,
+    `~`, or has more than one `/`) must exist; anything else must be a valid Hub id. None passes (the default)."""
+    if value is None:
+        return
+    looks_like_path = value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+    if os.path.exists(os.path.expanduser(value)):
+        return
+    if looks_like_path or not _HUB_ID.match(value):
+        raise ValueError(
+            f"{flag} {value!r} does not exist: pass an existing local folder or a Hub id such as 'org/model'."
+        )
+
+
+def create_accelerator(args: argparse.Namespace, project_name: str):
+    """An `Accelerator` with the shared flags applied, its trackers started (TensorBoard by default). Checks first
+    that `--output_dir` can be written (run_guards.check_output_dir_writable), so that no step is trained for an
+    output that cannot be saved."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from storydiff.training.run_guards import check_output_dir_writable
+
+    check_output_dir_writable(args.output_dir)
     if args.torch_num_threads is not None:
         torch.set_num_threads(args.torch_num_threads)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)

@@ -12,47 +12,23 @@ the saved pipeline is a `ClassConditionalPipeline` with the EMA weights and a DD
 Checkpoints every `--checkpointing_steps` resume exactly (`--resume_from_checkpoint latest`).
 """
 
+# ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
 import argparse
-import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate.utils import set_seed
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
-from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
-    create_accelerator,
+    training_argument_parser,
 )
-from storydiff.training.checkpointing import (
-    SeededEpochSampler,
-    TrainingPosition,
-    epoch_batches,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from storydiff.data.digits import NUM_DIGIT_CLASSES, digits_arrays
-from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
-from storydiff.training.hub import push_folder_to_hub
-from storydiff.training.model_card import training_command, write_model_card
-from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
 
 BUILT_IN_DATASETS = ("digits",)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = training_argument_parser(__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default=None, choices=BUILT_IN_DATASETS, help="Built-in dataset.")
     data.add_argument("--train_data_dir", type=str, default=None, help="Image folder, one sub-folder per class.")
@@ -114,6 +90,42 @@ def _int_list(flag: str, text: str) -> list:
     return values
 
 
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from storydiff.atomic_files import save_folder_atomically
+from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
+from storydiff.data.digits import NUM_DIGIT_CLASSES, digits_arrays
+from storydiff.training.arguments import create_accelerator
+from storydiff.training.checkpointing import (
+    SeededEpochSampler,
+    TrainingPosition,
+    epoch_batches,
+    find_checkpoint,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from storydiff.training.datasets_loading import load_image_dataset
+from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.hub import push_folder_to_hub
+from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
+from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.sample_grids import labelled_grid, save_grid
+
 # ------------------------------------------------------------------------------------------------------------ data
 
 
@@ -156,25 +168,16 @@ def load_training_data(args):
 
     import datasets
 
-    if args.train_data_dir is not None:
-        if not os.path.isdir(args.train_data_dir):
-            raise ValueError(f"--train_data_dir {args.train_data_dir!r} is not a folder.")
-        dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
-        dataset_id = None
-    else:
-        dataset = datasets.load_dataset(
-            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train"
-        )
-        dataset_id = args.dataset_name
-    for flag, column in (("--image_column", args.image_column), ("--label_column", args.label_column)):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"{flag} {column!r} is not a column of the dataset. Available columns: "
-                f"{', '.join(dataset.column_names)}."
-            )
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-
+    dataset = load_image_dataset(
+        train_data_dir=args.train_data_dir,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        image_column=args.image_column,
+        other_columns={"--label_column": args.label_column},
+        max_train_samples=args.max_train_samples,
+    )
+    dataset_id = args.dataset_name
     feature = dataset.features[args.label_column]
     raw_labels = dataset[args.label_column]
     if isinstance(feature, datasets.ClassLabel):
@@ -240,8 +243,9 @@ def make_pipeline(unet, noise_scheduler, num_classes, id2label) -> ClassConditio
     )
 
 
-def validation_grid(pipeline, args, num_classes: int, step: int) -> np.ndarray:
-    """One row per class, `--num_validation_images_per_class` columns, sampled with CFG; returns uint8 HWC."""
+def validation_grid(pipeline, args, num_classes: int, id2label: dict, step: int) -> np.ndarray:
+    """One row per class, `--num_validation_images_per_class` columns, sampled with CFG; uint8 HWC with the class
+    names on the left and the sample numbers on top."""
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = pipeline(
@@ -252,21 +256,16 @@ def validation_grid(pipeline, args, num_classes: int, step: int) -> np.ndarray:
         generator=generator,
         output_type="np",
     ).images
-    columns = args.num_validation_images_per_class
-    rows = [np.concatenate(list(images[r * columns : (r + 1) * columns]), axis=1) for r in range(num_classes)]
-    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    if grid.shape[-1] == 1:
-        grid = np.repeat(grid, 3, axis=-1)
-    zoom = max(1, 64 // args.resolution)  # small digits are unreadable at 1:1
-    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return labelled_grid(
+        images,
+        rows=[f"class {id2label[c]}" for c in range(num_classes)],
+        columns=[f"sample {i + 1}" for i in range(args.num_validation_images_per_class)],
+        title=f"step {step}, guidance {args.validation_guidance_scale}, {args.validation_inference_steps} DDIM steps",
+    )
 
 
-def log_validation(accelerator, pipeline, args, num_classes: int, step: int) -> str:
-    grid = validation_grid(pipeline, args, num_classes, step)
-    folder = os.path.join(args.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step_{step:06d}.png")
-    Image.fromarray(grid).save(path)
+def log_validation(accelerator, grid: np.ndarray, path: str, step: int) -> str:
+    save_grid(grid, path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", grid, step, dataformats="HWC")
@@ -277,10 +276,15 @@ def log_validation(accelerator, pipeline, args, num_classes: int, step: int) -> 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Train; returns the output folder holding the saved pipeline."""
+    """Train; returns the output folder holding the saved pipeline. Ctrl-C exits with status 130 and one line on
+    how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    started = time.time()
+    with resume_hint_on_interrupt(args.output_dir):
+        return train(args, argv)
+
+
+def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     accelerator = create_accelerator(args, project_name="train_class_conditional")
     set_seed(args.seed)
 
@@ -301,6 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
     optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(unet.parameters(), args, accelerator, max_train_steps)
+    settings = resume_settings(
+        args,
+        accelerator,
+        dataset={"name": dataset_id or args.train_data_dir, "num_examples": len(dataset), "classes": id2label},
+        model_config={**unet.config, "class_dropout_prob": args.class_dropout_prob},
+    )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     ema = create_ema(accelerator.unwrap_model(unet), args.ema_decay, args.ema_power) if args.use_ema else None
     register_ema_checkpointing(accelerator, ema)
@@ -309,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        position = load_checkpoint(accelerator, checkpoint)
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
     elif args.resume_from_checkpoint is not None:
         accelerator.print("No checkpoint to resume from yet; starting a new run.")
 
@@ -320,7 +330,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         desc="Training steps",
         disable=not accelerator.is_local_main_process,
     )
-    recent_losses = []
     null_class = num_classes
     for epoch, batches in epoch_batches(dataloader, position, num_epochs):
         if position.global_step >= max_train_steps:
@@ -342,7 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
             with accelerator.accumulate(unet):
                 prediction = unet(noisy, timesteps, class_labels=labels).sample
-                loss = F.mse_loss(prediction.float(), noise.float())
+                loss = debug_nan_loss(F.mse_loss(prediction.float(), noise.float()), args, position.global_step)
+                step_loss = check_finite_loss(accelerator, loss, position.global_step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -355,8 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
             position.global_step += 1
-            step_loss = accelerator.gather(loss.detach()).mean().item()
-            recent_losses = (recent_losses + [step_loss])[-100:]
+            position.record_loss(step_loss)
             logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
             if ema is not None:
                 logs["ema_decay"] = ema.cur_decay_value
@@ -365,12 +374,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             progress.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
 
             if position.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
             if position.global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 model = accelerator.unwrap_model(unet)
                 with ema_weights(ema, model):
-                    log_validation(accelerator, make_pipeline(model, noise_scheduler, num_classes, id2label),
-                                   args, num_classes, position.global_step)  # fmt: skip
+                    pipeline = make_pipeline(model, noise_scheduler, num_classes, id2label)
+                    grid = validation_grid(pipeline, args, num_classes, id2label, position.global_step)
+                path = os.path.join(args.output_dir, "validation", f"step_{position.global_step:06d}.png")
+                log_validation(accelerator, grid, path, position.global_step)
                 unet.train()
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)
@@ -385,43 +396,27 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         model = accelerator.unwrap_model(unet)
         with ema_weights(ema, model):
             pipeline = make_pipeline(model, noise_scheduler, num_classes, id2label)
-            pipeline.save_pretrained(args.output_dir, safe_serialization=True)
-            grid_path = log_validation(accelerator, pipeline, args, num_classes, position.global_step)
-        sample_name = "samples.png"
-        os.replace(grid_path, os.path.join(args.output_dir, sample_name))
-        metrics = {
-            "train_steps": position.global_step,
-            "final_train_loss_mean_last_100_steps": float(np.mean(recent_losses)) if recent_losses else None,
-            "train_wall_time_s": round(time.time() - started, 1),
-            "train_examples": len(dataset),
-            "epochs": position.epoch + 1,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        }
-        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as file:
-            json.dump(metrics, file, indent=2)
-        write_model_card(
-            args.output_dir,
-            title=f"Class-conditional diffusion on {dataset_id or 'an image folder'} ({args.resolution}x{args.resolution})",
-            description=(
-                f"A class-conditional `UNet2DModel` ({num_classes} classes + a null class for classifier-free "
-                f"guidance, condition dropout {args.class_dropout_prob}) trained with the DDPM epsilon loss by "
-                "storydiff's `training/train_class_conditional.py`. Saved with "
-                f"{'EMA' if ema is not None else 'final'} weights and a DDIM scheduler as a storydiff "
-                "`ClassConditionalPipeline`, which also takes dynamic guidance schedules."
-            ),
-            tags=["class-conditional", "classifier-free-guidance", "image-generation"],
-            command=training_command(argv, script=os.path.abspath(__file__)),
-            metrics={k: v for k, v in metrics.items() if v is not None},
-            datasets=[dataset_id] if dataset_id and "/" in dataset_id else None,
-            images=[sample_name],
-            usage=(
-                "import torch\nfrom storydiff import ClassConditionalPipeline\n\n"
-                'pipe = ClassConditionalPipeline.from_pretrained("path/to/this/folder")\n'
-                f"images = pipe(class_labels=list(range({num_classes})), guidance_scale=3.0, "
-                'guidance_schedule="linear",\n              num_inference_steps=25, '
-                "generator=torch.manual_seed(0)).images"
-            ),
-        )
+            grid = validation_grid(pipeline, args, num_classes, id2label, position.global_step)
+            metrics = {
+                "train_steps": position.global_step,
+                **recent_loss_metric(position.recent_losses),
+                "train_wall_time_s": round(position.total_wall_time_s(), 1),
+                "train_examples": len(dataset),
+                "epochs": position.epoch + 1,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            }
+
+            def write_outputs(folder: str) -> None:
+                # Everything lands in the output folder in one atomic swap: a kill or a full disk leaves the
+                # previous pipeline or this one, never a mix; checkpoints and logs already there are kept.
+                pipeline.save_pretrained(folder, safe_serialization=True)
+                save_grid(grid, os.path.join(folder, "samples.png"))
+                with open(os.path.join(folder, "train_metrics.json"), "w") as file:
+                    json.dump(metrics, file, indent=2)
+                write_card(folder, args, argv, metrics, num_classes, dataset_id, ema is not None)
+
+            save_folder_atomically(args.output_dir, write_outputs)
+        log_validation(accelerator, grid, os.path.join(args.output_dir, "samples.png"), position.global_step)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
@@ -429,6 +424,32 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         accelerator.print(f"Saved the pipeline and its model card in {args.output_dir}")
     accelerator.end_training()
     return args.output_dir
+
+
+def write_card(folder, args, argv, metrics, num_classes, dataset_id, with_ema: bool) -> None:
+    write_model_card(
+        folder,
+        title=f"Class-conditional diffusion on {dataset_id or 'an image folder'} ({args.resolution}x{args.resolution})",
+        description=(
+            f"A class-conditional `UNet2DModel` ({num_classes} classes + a null class for classifier-free "
+            f"guidance, condition dropout {args.class_dropout_prob}) trained with the DDPM epsilon loss by "
+            "storydiff's `training/train_class_conditional.py`. Saved with "
+            f"{'EMA' if with_ema else 'final'} weights and a DDIM scheduler as a storydiff "
+            "`ClassConditionalPipeline`, which also takes dynamic guidance schedules."
+        ),
+        tags=["class-conditional", "classifier-free-guidance", "image-generation"],
+        command=training_command(argv, script=os.path.abspath(__file__)),
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        datasets=[dataset_id] if dataset_id and "/" in dataset_id else None,
+        images=["samples.png"],
+        usage=(
+            "import torch\nfrom storydiff import ClassConditionalPipeline\n\n"
+            'pipe = ClassConditionalPipeline.from_pretrained("path/to/this/folder")\n'
+            f"images = pipe(class_labels=list(range({num_classes})), guidance_scale=3.0, "
+            'guidance_schedule="linear",\n              num_inference_steps=25, '
+            "generator=torch.manual_seed(0)).images"
+        ),
+    )
 
 
 if __name__ == "__main__":
