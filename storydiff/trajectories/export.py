@@ -5,8 +5,9 @@ import os
 from typing import Union
 
 import numpy as np
+import torch
 
-from .validation import check_poses, check_positions
+from .validation import check_poses, check_positions, check_real, find_non_rigid_pose
 
 PathLike = Union[str, os.PathLike]
 
@@ -38,16 +39,22 @@ def save_kitti(path: PathLike, poses) -> None:
         file.write(to_kitti(poses))
 
 
-def load_kitti(path: PathLike) -> np.ndarray:
+def load_kitti(path: PathLike, atol: float = 1e-3) -> np.ndarray:
     """Reads a KITTI pose file into `(N, 4, 4)` float64 camera-to-world poses.
 
-    Raises `FileNotFoundError` for a missing file and `ValueError` naming the file and line for a corrupt one.
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming the file and line for a corrupt one:
+    not 12 numbers, a NaN or infinity, or a rotation that is not one (`R R^T = I` and `det(R) = +1` within
+    `atol`, as `check_poses` asks).
     """
     path = os.fspath(path)
+    atol = check_real(atol, "atol", above=0)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"KITTI trajectory file not found: {path}")
-    with open(path, encoding="utf-8") as file:
-        rows = [(number, line.split()) for number, line in enumerate(file, start=1) if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as file:
+            rows = [(number, line.split()) for number, line in enumerate(file, start=1) if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a KITTI text file, it is not valid UTF-8 ({error}).") from None
     if not rows:
         raise ValueError(f"{path}: empty KITTI trajectory file (no poses).")
     try:  # fast path: the whole file at once; on failure find the offending line for the message
@@ -61,6 +68,10 @@ def load_kitti(path: PathLike) -> np.ndarray:
         values = np.array([[float(field) for field in fields] for _, fields in rows])
     poses = np.tile(np.eye(4), (len(values), 1, 1))
     poses[:, :3] = values.reshape(-1, 3, 4)
+    non_rigid = find_non_rigid_pose(torch.from_numpy(poses), atol)
+    if non_rigid is not None:
+        index, reason = non_rigid
+        raise ValueError(f"{path}, line {rows[index][0]}: pose {index} is not a rigid camera pose, {reason}.")
     return poses
 
 
@@ -82,6 +93,7 @@ def to_json(poses, fps: float = 25.0, character=None) -> str:
     (N x 3).
     """
     poses = _single_trajectory(poses)
+    fps = check_real(fps, "fps", above=0)
     payload = {
         "fps": float(fps),
         "convention": "camera-to-world, OpenCV axes (x right, y down, z forward)",
@@ -130,6 +142,10 @@ def to_blender_script(
     (x, z, -y).
     """
     matrices = opencv_to_blender(poses)
+    fps = check_real(fps, "fps", at_least=1)  # Blender's scene frame rate is a positive int
+    lens_mm = check_real(lens_mm, "lens_mm", above=0)
+    if not isinstance(camera_name, str) or not camera_name:
+        raise ValueError(f"camera_name must be a non-empty string, got {camera_name!r}.")
     num_frames = len(matrices)
     character_points = None
     if character is not None:

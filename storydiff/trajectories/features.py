@@ -5,8 +5,9 @@ frames becomes N x 9 features: the 6D rotation (first column of R, then second c
 translation, where frame 0 holds the absolute position and frames i > 0 the velocity t[i] - t[i-1].
 """
 
-import numpy as np
 import torch
+
+from .validation import as_float_tensor, check_finite
 
 # E.T. statistics (DIRECTOR's `standardization/0300.yaml`): frame 0 and the velocities are standardised separately.
 CAMERA_FRAME0_MEAN = torch.tensor([0.00201079, -0.27488501, -1.23616805])
@@ -20,27 +21,14 @@ NUM_CAMERA_FEATURES = 9
 NUM_CHARACTER_FEATURES = 3
 
 
-def as_float_tensor(value, name: str = "input") -> torch.Tensor:
-    """Returns `value` (torch tensor, numpy array or nested list) as a floating point tensor."""
-    if isinstance(value, torch.Tensor):
-        tensor = value
-    elif isinstance(value, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
-    elif isinstance(value, (list, tuple)):
-        try:
-            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"{name} must be a numeric array, got a list that is not one ({error}).") from None
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}.")
-    if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
-        raise TypeError(f"{name} must hold real numbers, got dtype {tensor.dtype}.")
-    if not tensor.is_floating_point():
-        tensor = tensor.to(torch.float32)
-    return tensor
-
-
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+def _trajectory_tensor(value, name: str, frame_shape: tuple, layout: str) -> torch.Tensor:
+    """`value` as a finite float tensor of shape `(..., N, *frame_shape)`; `layout` names that shape for errors."""
+    tensor = as_float_tensor(value, name)
+    if tensor.ndim < len(frame_shape) + 1 or tuple(tensor.shape[-len(frame_shape) :]) != frame_shape:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(tensor.shape)}.")
+    if tensor.shape[-len(frame_shape) - 1] == 0:
+        raise ValueError(f"{name} has no frames (shape {tuple(tensor.shape)}); at least 1 frame is required.")
+    return check_finite(tensor, name)
 
 
 def poses_to_features(poses) -> torch.Tensor:
@@ -48,9 +36,7 @@ def poses_to_features(poses) -> torch.Tensor:
 
     Features are `[R[:, 0], R[:, 1], t_0]` for frame 0 and `[R[:, 0], R[:, 1], t_i - t_{i-1}]` afterwards.
     """
-    poses = as_float_tensor(poses, "poses")
-    if poses.ndim < 3 or poses.shape[-2:] != (4, 4):
-        raise ValueError(f"poses must have shape (..., N, 4, 4), got {tuple(poses.shape)}.")
+    poses = _trajectory_tensor(poses, "poses", (4, 4), "(..., N, 4, 4)")
     rotation_6d = poses[..., :3, :2].transpose(-1, -2).reshape(*poses.shape[:-2], 6)
     translation = poses[..., :3, 3]
     velocity = torch.cat([translation[..., :1, :], translation[..., 1:, :] - translation[..., :-1, :]], dim=-2)
@@ -59,6 +45,9 @@ def poses_to_features(poses) -> torch.Tensor:
 
 def rotation_6d_to_matrix(rotation_6d: torch.Tensor) -> torch.Tensor:
     """Gram-Schmidt: `(..., 6)` (two raw columns) -> `(..., 3, 3)` rotation with det +1 (Zhou et al. 2019)."""
+    rotation_6d = check_finite(as_float_tensor(rotation_6d, "rotation_6d"), "rotation_6d")
+    if rotation_6d.ndim < 1 or rotation_6d.shape[-1] != 6:
+        raise ValueError(f"rotation_6d must have shape (..., 6), got {tuple(rotation_6d.shape)}.")
     first, second = rotation_6d[..., :3], rotation_6d[..., 3:6]
     x_axis = torch.nn.functional.normalize(first, dim=-1, eps=1e-8)
     z_axis = torch.nn.functional.normalize(torch.linalg.cross(x_axis, second, dim=-1), dim=-1, eps=1e-8)
@@ -72,9 +61,7 @@ def features_to_poses(features) -> torch.Tensor:
     The rotation is rebuilt with Gram-Schmidt (so it is orthonormal even for noisy network outputs) and the
     translation is the cumulative sum of frame 0's position and the velocities.
     """
-    features = as_float_tensor(features, "features")
-    if features.ndim < 2 or features.shape[-1] != NUM_CAMERA_FEATURES:
-        raise ValueError(f"features must have shape (..., N, 9), got {tuple(features.shape)}.")
+    features = _trajectory_tensor(features, "features", (NUM_CAMERA_FEATURES,), "(..., N, 9)")
     poses = torch.zeros(*features.shape[:-1], 4, 4, dtype=features.dtype, device=features.device)
     poses[..., :3, :3] = rotation_6d_to_matrix(features[..., :6])
     poses[..., :3, 3] = torch.cumsum(features[..., 6:9], dim=-2)
@@ -89,9 +76,7 @@ def _stat(stat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def standardize_camera_features(features) -> torch.Tensor:
     """Standardises the translation channels (6:9): frame 0 with the position statistics, later frames with
     the velocity statistics. Rotation channels are left as they are (as in DIRECTOR)."""
-    features = as_float_tensor(features, "features").clone()
-    if features.ndim < 2 or features.shape[-1] != NUM_CAMERA_FEATURES:
-        raise ValueError(f"features must have shape (..., N, 9), got {tuple(features.shape)}.")
+    features = _trajectory_tensor(features, "features", (NUM_CAMERA_FEATURES,), "(..., N, 9)").clone()
     translation = features[..., 6:9]
     translation[..., :1, :] = (translation[..., :1, :] - _stat(CAMERA_FRAME0_MEAN, features)) / _stat(
         CAMERA_FRAME0_STD, features
@@ -104,9 +89,7 @@ def standardize_camera_features(features) -> torch.Tensor:
 
 def destandardize_camera_features(features) -> torch.Tensor:
     """Inverse of `standardize_camera_features`."""
-    features = as_float_tensor(features, "features").clone()
-    if features.ndim < 2 or features.shape[-1] != NUM_CAMERA_FEATURES:
-        raise ValueError(f"features must have shape (..., N, 9), got {tuple(features.shape)}.")
+    features = _trajectory_tensor(features, "features", (NUM_CAMERA_FEATURES,), "(..., N, 9)").clone()
     translation = features[..., 6:9]
     translation[..., :1, :] = translation[..., :1, :] * _stat(CAMERA_FRAME0_STD, features) + _stat(
         CAMERA_FRAME0_MEAN, features
@@ -125,9 +108,7 @@ def encode_character(positions) -> torch.Tensor:
     c[i] - c[i-1]; then *every* frame, frame 0 included, is standardised with the character velocity
     statistics. Frame 0 of the encoding is therefore always `-CHARACTER_VELOCITY_MEAN / CHARACTER_VELOCITY_STD`.
     """
-    positions = as_float_tensor(positions, "character positions")
-    if positions.ndim < 2 or positions.shape[-1] != NUM_CHARACTER_FEATURES:
-        raise ValueError(f"character positions must have shape (..., N, 3), got {tuple(positions.shape)}.")
+    positions = _trajectory_tensor(positions, "character positions", (NUM_CHARACTER_FEATURES,), "(..., N, 3)")
     shifted = positions - positions[..., :1, :]
     velocity = torch.cat([shifted[..., :1, :], shifted[..., 1:, :] - shifted[..., :-1, :]], dim=-2)
     return (velocity - _stat(CHARACTER_VELOCITY_MEAN, velocity)) / _stat(CHARACTER_VELOCITY_STD, velocity)
@@ -135,9 +116,7 @@ def encode_character(positions) -> torch.Tensor:
 
 def decode_character(encoded) -> torch.Tensor:
     """Inverse of `encode_character`: positions relative to frame 0 (the original offset is lost)."""
-    encoded = as_float_tensor(encoded, "encoded character")
-    if encoded.ndim < 2 or encoded.shape[-1] != NUM_CHARACTER_FEATURES:
-        raise ValueError(f"encoded character must have shape (..., N, 3), got {tuple(encoded.shape)}.")
+    encoded = _trajectory_tensor(encoded, "encoded character", (NUM_CHARACTER_FEATURES,), "(..., N, 3)")
     velocity = encoded * _stat(CHARACTER_VELOCITY_STD, encoded) + _stat(CHARACTER_VELOCITY_MEAN, encoded)
     velocity = torch.cat([torch.zeros_like(velocity[..., :1, :]), velocity[..., 1:, :]], dim=-2)
     return torch.cumsum(velocity, dim=-2)

@@ -14,7 +14,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from .validation import check_poses, check_positions
+from .validation import as_float_array, check_count, check_poses, check_positions, check_real
 
 FPS = 25.0
 CAMERA_STATIC_THRESHOLD = 0.02
@@ -64,6 +64,7 @@ def character_motion_name(index: int) -> str:
 
 def motion_class(pattern) -> int:
     """Signed pattern (sx, sy, sz) in {-1, 0, 1}^3 -> class index `9 c(x) + 3 c(y) + c(z)`."""
+    pattern = as_float_array(pattern, "motion pattern", (3,))
     code = [0 if s == 0 else (1 if s > 0 else 2) for s in pattern]
     return 9 * code[0] + 3 * code[1] + code[2]
 
@@ -75,7 +76,13 @@ def motion_class(pattern) -> int:
 def camera_velocities(poses, fps: float = FPS) -> np.ndarray:
     """`(N, 4, 4)` camera-to-world poses -> `(N-1, 3)` translation velocities in the camera's own axes:
     `fps * (inv(P_t) @ P_{t+1})[:3, 3] = fps * R_t^T (t_{t+1} - t_t)` (rigid inverse, as in the reference)."""
-    poses = np.asarray(poses, dtype=np.float64)
+    poses = check_poses(poses)
+    if poses.ndim != 3:
+        raise ValueError(f"camera_velocities takes one trajectory of shape (N, 4, 4), got {tuple(poses.shape)}.")
+    return _camera_velocities(poses.detach().cpu().double().numpy(), check_real(fps, "fps", above=0))
+
+
+def _camera_velocities(poses: np.ndarray, fps: float) -> np.ndarray:
     rotation, translation = poses[:-1, :3, :3], poses[:, :3, 3]
     step = translation[1:] - translation[:-1]
     return fps * np.einsum("nji,nj->ni", rotation, step)
@@ -83,7 +90,11 @@ def camera_velocities(poses, fps: float = FPS) -> np.ndarray:
 
 def character_velocities(positions, fps: float = FPS) -> np.ndarray:
     """`(N, 3)` positions -> `(N-1, 3)` world-axis velocities `fps * (c_{t+1} - c_t)`."""
-    positions = np.asarray(positions, dtype=np.float64)
+    positions = as_float_array(positions, "character positions", (None, 3))
+    return _character_velocities(positions, check_real(fps, "fps", above=0))
+
+
+def _character_velocities(positions: np.ndarray, fps: float) -> np.ndarray:
     return fps * (positions[1:] - positions[:-1])
 
 
@@ -93,8 +104,14 @@ def _dominance_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def label_velocities(velocities, static_threshold: float, dominance_threshold: float) -> np.ndarray:
-    """Per-frame classes of `(M, 3)` velocities (the raw tagger, before any smoothing)."""
-    velocity = np.asarray(velocities, dtype=np.float64).reshape(-1, 3)
+    """Per-frame classes of `(M, 3)` velocities (the raw tagger, before any smoothing).
+
+    `static_threshold` (>= 0) is the speed an axis must exceed to count as moving; `dominance_threshold`
+    (in [0, 1]) is the relative speed difference above which the slower of two moving axes is dropped.
+    """
+    velocity = as_float_array(velocities, "velocities", (None, 3))
+    static_threshold = check_real(static_threshold, "static_threshold", at_least=0)
+    dominance_threshold = check_real(dominance_threshold, "dominance_threshold", at_least=0, at_most=1)
     speed = np.abs(velocity)
     active = speed > static_threshold
     r_xy = _dominance_ratio(speed[:, 0], speed[:, 1])
@@ -131,12 +148,27 @@ def label_velocities(velocities, static_threshold: float, dominance_threshold: f
 # post-processing
 
 
+def _label_vector(labels) -> np.ndarray:
+    """Per-frame labels as a 1-D int64 array; whole-number floats are accepted, anything else is refused."""
+    labels = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array of per-frame classes, got shape {labels.shape}.")
+    if labels.size == 0 or np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64)
+    if not np.issubdtype(labels.dtype, np.floating):
+        raise TypeError(f"labels must hold integer classes, got dtype {labels.dtype}.")
+    if not np.all(np.mod(labels, 1) == 0):
+        raise ValueError("labels must hold integer classes, got fractional, NaN or infinite values.")
+    return labels.astype(np.int64)
+
+
 def mode_filter(labels, window: int = SMOOTHING_WINDOW) -> np.ndarray:
     """Sliding mode over `[i - window//2, i + window//2]` (clipped at the ends); ties go to the smallest label.
 
     Returns the labels unchanged when there are fewer than `window` of them (as in the reference).
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = _label_vector(labels)
+    window = check_count(window, "window", minimum=1)
     if len(labels) < window:
         return labels.copy()
     values, codes = np.unique(labels, return_inverse=True)
@@ -152,7 +184,7 @@ def mode_filter(labels, window: int = SMOOTHING_WINDOW) -> np.ndarray:
 
 def segments_from_labels(labels) -> List[Tuple[int, int, int]]:
     """Per-frame labels -> `[(start, end, label), ...]` runs with `end` exclusive (`labels[start:end] == label`)."""
-    labels = np.asarray(labels).reshape(-1)
+    labels = _label_vector(labels)
     if len(labels) == 0:
         return []
     boundaries = np.flatnonzero(labels[1:] != labels[:-1]) + 1
@@ -166,6 +198,8 @@ def merge_short_chunks(labels, min_length: int = MIN_CHUNK_LENGTH) -> np.ndarray
     gives its frames to its neighbours: an end chunk to its single neighbour, a middle chunk ceil(len/2) to the
     left and floor(len/2) to the right. Neighbours that end up with the same label are *not* fused into one
     chunk (as in the reference), so their lengths keep counting separately."""
+    labels = _label_vector(labels)
+    min_length = check_count(min_length, "min_length", minimum=0)
     chunks = [[label, start, end] for start, end, label in segments_from_labels(labels)]
     while len(chunks) > 1:
         lengths = [end - start for _, start, end in chunks]
@@ -181,7 +215,7 @@ def merge_short_chunks(labels, min_length: int = MIN_CHUNK_LENGTH) -> np.ndarray
             chunks[index - 1][2] += (length + 1) // 2
             chunks[index + 1][1] -= length // 2
         chunks.pop(index)
-    merged = np.empty(len(np.asarray(labels).reshape(-1)), dtype=np.int64)
+    merged = np.empty(len(labels), dtype=np.int64)
     for label, start, end in chunks:
         merged[start:end] = label
     return merged
@@ -194,6 +228,13 @@ def postprocess_labels(labels, window: int = SMOOTHING_WINDOW, min_length: int =
 
 # ----------------------------------------------------------------------------------------------------------- #
 # taggers
+
+
+def _check_tagger_settings(fps, smoothing_window, min_chunk_length) -> float:
+    """Checks the settings the per-trajectory loop uses, once, before any work; returns `fps` as a float."""
+    check_count(smoothing_window, "smoothing_window", minimum=1)
+    check_count(min_chunk_length, "min_chunk_length", minimum=0)
+    return check_real(fps, "fps", above=0)
 
 
 def _per_trajectory(array: torch.Tensor, batched: bool, tag_one):
@@ -217,11 +258,12 @@ def tag_camera_motion(
     With `postprocess=False` the raw per-frame labels are returned (no mode filter, no chunk merging).
     """
     poses = check_poses(poses)
+    fps = _check_tagger_settings(fps, smoothing_window, min_chunk_length)
     if poses.shape[-3] < 2:
         raise ValueError("the camera tagger needs at least 2 frames (it labels the N-1 frame transitions).")
 
     def tag_one(sample):
-        labels = label_velocities(camera_velocities(sample, fps), static_threshold, dominance_threshold)
+        labels = label_velocities(_camera_velocities(sample, fps), static_threshold, dominance_threshold)
         return postprocess_labels(labels, smoothing_window, min_chunk_length) if postprocess else labels
 
     return _per_trajectory(poses, poses.ndim == 4, tag_one)
@@ -239,11 +281,12 @@ def tag_character_motion(
     """Character motion class per frame transition: `(N, 3)` positions (world axes) -> int array of length
     N-1 (`(B, N, 3)` -> `(B, N-1)`). Names: `CHARACTER_MOTION_NAMES[label]`."""
     positions = check_positions(positions)
+    fps = _check_tagger_settings(fps, smoothing_window, min_chunk_length)
     if positions.shape[-2] < 2:
         raise ValueError("the character tagger needs at least 2 frames (it labels the N-1 frame transitions).")
 
     def tag_one(sample):
-        labels = label_velocities(character_velocities(sample, fps), static_threshold, dominance_threshold)
+        labels = label_velocities(_character_velocities(sample, fps), static_threshold, dominance_threshold)
         return postprocess_labels(labels, smoothing_window, min_chunk_length) if postprocess else labels
 
     return _per_trajectory(positions, positions.ndim == 3, tag_one)
