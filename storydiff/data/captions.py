@@ -10,7 +10,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ..trajectories.tagging import MOTION_PATTERNS, segments_from_labels
+from ..trajectories.tagging import MOTION_PATTERNS, NUM_MOTION_CLASSES, segments_from_labels
 
 # per axis and sign: (present tense, gerund) synonyms
 _CAMERA_AXIS_PHRASES = {
@@ -71,13 +71,31 @@ _CHARACTER_STATIC_PHRASES = ["stays still", "stands still", "remains static", "d
 _CHARACTER_NOUNS = ["the character", "the main character", "the person", "the subject"]
 
 
+def _motion_class(label, what: str) -> int:
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise TypeError(f"{what} must be an int class index, got {type(label).__name__} {label!r}.")
+    if not 0 <= label < NUM_MOTION_CLASSES:
+        raise ValueError(f"{what} must be a motion class in 0..{NUM_MOTION_CLASSES - 1}, got {label}.")
+    return int(label)
+
+
+def _labels(labels, what: str) -> np.ndarray:
+    """Per-transition classes of one trajectory: a non-empty 1-D array of motion classes."""
+    segments = segments_from_labels(labels)  # checks that they are 1-D integer labels
+    if not segments:
+        raise ValueError(f"{what} are empty; a caption needs at least one frame transition.")
+    for _, _, label in segments:
+        _motion_class(label, f"each of {what}")
+    return np.asarray(labels)
+
+
 def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
 def camera_phrase(label: int, rng: np.random.Generator) -> Tuple[str, str]:
     """(present, gerund) description of a camera class, e.g. ("trucks right and pushes in", ...)."""
-    pattern = MOTION_PATTERNS[label]
+    pattern = MOTION_PATTERNS[_motion_class(label, "camera label")]
     parts = [_pick(rng, _CAMERA_AXIS_PHRASES[(axis, int(sign))]) for axis, sign in enumerate(pattern) if sign != 0]
     if not parts:
         return _pick(rng, _CAMERA_STATIC_PHRASES)
@@ -85,7 +103,8 @@ def camera_phrase(label: int, rng: np.random.Generator) -> Tuple[str, str]:
 
 
 def character_phrase(label: int, rng: np.random.Generator) -> str:
-    pattern = MOTION_PATTERNS[label]
+    """Description of a character class, e.g. "walks to the right"."""
+    pattern = MOTION_PATTERNS[_motion_class(label, "character label")]
     parts = [_pick(rng, _CHARACTER_AXIS_PHRASES[(axis, int(sign))]) for axis, sign in enumerate(pattern) if sign != 0]
     return _join(parts) if parts else _pick(rng, _CHARACTER_STATIC_PHRASES)
 
@@ -113,6 +132,7 @@ _NEXT_GERUND = [", followed by {gerund}", ", before {gerund}"]
 def camera_caption(camera_labels, rng: np.random.Generator) -> str:
     """Camera-only caption (E.T.'s `caption_cam/`), e.g. "The camera trucks right, then pushes in."."""
     sentence = ""
+    camera_labels = _labels(camera_labels, "camera_labels")
     for index, (_, _, label) in enumerate(segments_from_labels(camera_labels)):
         present, gerund = camera_phrase(label, rng)
         if index == 0:
@@ -126,6 +146,13 @@ def camera_caption(camera_labels, rng: np.random.Generator) -> str:
 
 def full_caption(camera_labels, character_labels, rng: np.random.Generator) -> str:
     """Camera + character caption (E.T.'s `caption/`): each camera segment with what the character does."""
+    camera_labels = _labels(camera_labels, "camera_labels")
+    character_labels = _labels(character_labels, "character_labels")
+    if len(camera_labels) != len(character_labels):
+        raise ValueError(
+            f"camera_labels ({len(camera_labels)}) and character_labels ({len(character_labels)}) must label the "
+            "same frame transitions of one trajectory."
+        )
     character_segments = segments_from_labels(character_labels)
     noun = _pick(rng, _CHARACTER_NOUNS)
     clauses, previous_link = [], ""

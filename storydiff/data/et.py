@@ -13,6 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..trajectories.export import load_kitti
+from ..trajectories.validation import check_count
 
 ET_SPLITS = ("train", "test")
 ET_SUBSETS = ("full", "mixed", "pure")
@@ -39,17 +40,52 @@ def _features():
     )
 
 
+def _check_plain_name(name: str, what: str, where: str = "") -> str:
+    """Sample ids and split names become file names under `root`: refuse any that could point elsewhere."""
+    where = f"{where}: " if where else ""
+    if not isinstance(name, str):
+        raise TypeError(f"{where}{what} must be a string, got {type(name).__name__} {name!r}.")
+    if (
+        not name
+        or name in (".", "..")
+        or "\0" in name
+        or any(separator in name for separator in ("/", "\\"))
+        or os.path.isabs(name)
+    ):
+        raise ValueError(
+            f"{where}{what} {name!r} is not allowed: it must be a plain file name inside the E.T. folder "
+            "(no '/', '\\', '..' or absolute path), e.g. '2011_F_EuMeT2wBo_00014_00001'."
+        )
+    return name
+
+
 def read_split_ids(root: PathLike, name: str) -> List[str]:
-    """Ids listed in `root/{name}_split.txt` (blank lines ignored), e.g. `name="mixed_test"`."""
+    """Ids listed in `root/{name}_split.txt` (one per line, blank lines ignored, final newline optional), e.g.
+    `name="mixed_test"`. Each id must be a plain file name: ids that would reach outside `root` are refused."""
     root = os.fspath(root)
+    _check_plain_name(name, "split name")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"E.T. dataset folder not found: {root}")
     path = os.path.join(root, f"{name}_split.txt")
     if not os.path.isfile(path):
         available = sorted(f for f in os.listdir(root) if f.endswith("_split.txt"))
         raise FileNotFoundError(f"split file not found: {path} (split files in {root}: {available or 'none'})")
-    with open(path, encoding="utf-8") as file:
-        return [line.strip() for line in file if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = list(enumerate(file, start=1))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a split file, it is not valid UTF-8 text ({error}).") from None
+    return [
+        _check_plain_name(line.strip(), "sample id", f"{path}, line {number}")
+        for number, line in lines
+        if line.strip()
+    ]
+
+
+def _check_max_samples(max_samples: Optional[int]) -> Optional[int]:
+    if max_samples is None:  # the whole split
+        return None
+    return check_count(max_samples, "max_samples (None for the whole split)")
 
 
 def _load_npy(path: str) -> np.ndarray:
@@ -64,13 +100,17 @@ def _load_npy(path: str) -> np.ndarray:
 def _load_text(path: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"E.T. file not found: {path}")
-    with open(path, encoding="utf-8") as file:
-        return file.read().strip()
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a caption file, it is not valid UTF-8 text ({error}).") from None
 
 
 def load_et_sample(root: PathLike, sample_id: str) -> Dict[str, object]:
     """Reads one sample (the columns of `load_et`) and checks that its files agree with each other."""
     root = os.fspath(root)
+    _check_plain_name(sample_id, "sample id")
     poses = load_kitti(os.path.join(root, "traj", sample_id + ".txt")).astype(np.float32)
     num_frames = len(poses)
     character_path = os.path.join(root, "char", sample_id + ".npy")
@@ -153,6 +193,7 @@ def load_et(root: PathLike, split: str = "train", subset: str = "full", max_samp
         raise ValueError(f"split must be one of {ET_SPLITS}, got {split!r}.")
     if subset not in ET_SUBSETS:
         raise ValueError(f"subset must be one of {ET_SUBSETS}, got {subset!r}.")
+    max_samples = _check_max_samples(max_samples)
     root = os.fspath(root)
     ids = read_split_ids(root, f"{subset}_{split}")
     return _dataset_from_ids(root, ids, max_samples, f"E.T. {subset}_{split}")
@@ -162,6 +203,7 @@ def load_clatr_split(root: PathLike, split: str = "train", max_samples: Optional
     """Loads the CLaTr split `clatr_{split}_split.txt` (split in train/val/test) with the columns of `load_et`."""
     if split not in CLATR_SPLITS:
         raise ValueError(f"split must be one of {CLATR_SPLITS}, got {split!r}.")
+    max_samples = _check_max_samples(max_samples)
     root = os.fspath(root)
     ids = read_split_ids(root, f"clatr_{split}")
     return _dataset_from_ids(root, ids, max_samples, f"E.T. clatr_{split}")

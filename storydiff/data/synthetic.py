@@ -31,7 +31,9 @@ from ..trajectories.tagging import (
     tag_camera_motion,
     tag_character_motion,
 )
+from ..trajectories.validation import check_count, check_real
 from .captions import camera_caption, full_caption
+from .et import _check_plain_name
 
 ET_FOLDERS = (
     "traj",
@@ -208,8 +210,14 @@ def generate_synthetic_sample(
     Segments last at least `min_segment_frames`; moving segments ease in and out over `transition_frames`
     frames at their boundaries; `relation` forces "follow", "lead" or "ignore" (random by default).
     """
-    if num_frames < 2:
-        raise ValueError(f"num_frames must be at least 2, got {num_frames}.")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}."
+        )
+    num_frames = check_count(num_frames, "num_frames", minimum=2)
+    _check_generation_settings(min_segment_frames, pure_probability, transition_frames)
+    if sample_id is not None:
+        _check_plain_name(sample_id, "sample_id")
     if relation is not None and relation not in RELATIONS:
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}.")
     steps = num_frames - 1
@@ -252,6 +260,12 @@ def generate_synthetic_sample(
     sample.caption = full_caption(sample.camera_segments, sample.character_segments, rng)
     sample.caption_cam = camera_caption(sample.camera_segments, rng)
     return sample
+
+
+def _check_generation_settings(min_segment_frames, pure_probability, transition_frames) -> None:
+    check_count(min_segment_frames, "min_segment_frames", minimum=1)
+    check_real(pure_probability, "pure_probability", at_least=0, at_most=1)
+    check_count(transition_frames, "transition_frames", minimum=0)
 
 
 def _parse_kitti_text(text: str) -> np.ndarray:
@@ -377,6 +391,7 @@ def _integrate_looking_at(start, camera_velocity, character, min_distance: float
 def write_et_sample(root: Union[str, os.PathLike], sample: SyntheticSample) -> None:
     """Writes one sample into the E.T. folders under `root` (the folders must exist)."""
     root = os.fspath(root)
+    _check_plain_name(sample.id, "sample id")
     origin = sample.character_origin
     with open(os.path.join(root, "traj", sample.id + ".txt"), "w", encoding="utf-8") as file:
         file.write(sample.kitti_text or to_kitti(sample.camera_poses))
@@ -395,7 +410,7 @@ def write_et_sample(root: Union[str, os.PathLike], sample: SyntheticSample) -> N
 
 def _write_split(root: str, name: str, ids: Sequence[str]) -> None:
     with open(os.path.join(root, f"{name}_split.txt"), "w", encoding="utf-8") as file:
-        file.write("\n".join(sorted(ids)))  # no trailing newline: the reference loader splits on "\n"
+        file.writelines(f"{sample_id}\n" for sample_id in sorted(ids))  # POSIX text: every line ends with "\n"
 
 
 def synthetic_et_is_complete(root) -> bool:
@@ -429,8 +444,10 @@ def make_synthetic_et(
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
     low, high = _frame_range(num_frames)
-    if not 0.0 <= test_fraction < 1.0:
+    test_fraction = check_real(test_fraction, "test_fraction", at_least=0)
+    if not test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    _check_generation_settings(min_segment_frames, pure_probability, transition_frames)
     root = os.fspath(root)
     complete = synthetic_et_is_complete(root)
     if os.path.isdir(os.path.join(root, "traj")) and os.listdir(os.path.join(root, "traj")):
