@@ -14,14 +14,24 @@ from scipy import linalg
 def _as_feature_matrix(features, name: str, min_samples: int = 2) -> np.ndarray:
     if hasattr(features, "detach"):  # torch tensors without importing torch here
         features = features.detach().cpu().numpy()
-    features = np.asarray(features, dtype=np.float64)
+    features = _real_array(features, name)
     if features.ndim != 2:
         raise ValueError(f"`{name}` must be a 2-D array (num_samples, num_features), got shape {features.shape}.")
     if features.shape[0] < min_samples:
         raise ValueError(f"`{name}` needs at least {min_samples} samples, got {features.shape[0]}.")
+    if features.shape[1] < 1:
+        raise ValueError(f"`{name}` has no feature columns (shape {features.shape}); at least 1 is required.")
     if not np.isfinite(features).all():
         raise ValueError(f"`{name}` contains non-finite values.")
     return features
+
+
+def _real_array(values, name: str) -> np.ndarray:
+    """`values` as a float64 array; strings, objects, booleans and complex numbers are refused, not coerced."""
+    array = np.asarray(values)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {array.dtype}.")
+    return array.astype(np.float64)
 
 
 def gaussian_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -36,10 +46,15 @@ def frechet_distance_from_statistics(mean_a, cov_a, mean_b, cov_b, eps: float = 
     When the product is near singular (fewer samples than features) a small `eps` is added to both diagonals,
     as in the reference FID code (pytorch-fid).
     """
-    mean_a, mean_b = np.atleast_1d(mean_a), np.atleast_1d(mean_b)
-    cov_a, cov_b = np.atleast_2d(cov_a), np.atleast_2d(cov_b)
-    if mean_a.shape != mean_b.shape or cov_a.shape != cov_b.shape:
-        raise ValueError(f"Statistics of different sizes: means {mean_a.shape} vs {mean_b.shape}.")
+    mean_a, cov_a = _gaussian(mean_a, cov_a, "a")
+    mean_b, cov_b = _gaussian(mean_b, cov_b, "b")
+    if mean_a.shape != mean_b.shape:
+        raise ValueError(
+            f"Statistics of different sizes: `mean_a`/`cov_a` describe {mean_a.shape[0]} features, "
+            f"`mean_b`/`cov_b` {mean_b.shape[0]}; both Gaussians must have the same number of features."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not 0 <= eps < np.inf:
+        raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
     difference = mean_a - mean_b
     covmean = linalg.sqrtm(cov_a.dot(cov_b))  # (SciPy >= 1.16 deprecates `disp`; the default returns the root)
     if not np.isfinite(covmean).all():
@@ -51,6 +66,26 @@ def frechet_distance_from_statistics(mean_a, cov_a, mean_b, cov_b, eps: float = 
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))} in the covariance square root.")
         covmean = covmean.real
     return float(difference.dot(difference) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+
+
+def _gaussian(mean, cov, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """Checks one Gaussian's statistics: a finite (d,) mean and a finite, symmetric (d, d) covariance."""
+    mean = np.atleast_1d(_real_array(mean, f"mean_{which}"))
+    cov = np.atleast_2d(_real_array(cov, f"cov_{which}"))
+    if mean.ndim != 1 or mean.shape[0] < 1:
+        raise ValueError(f"`mean_{which}` must be a non-empty 1-D vector (num_features,), got shape {mean.shape}.")
+    num_features = mean.shape[0]
+    if cov.shape != (num_features, num_features):
+        raise ValueError(
+            f"`cov_{which}` must be a ({num_features}, {num_features}) matrix to match `mean_{which}` "
+            f"({num_features} features), got shape {cov.shape}."
+        )
+    for name, value in ((f"mean_{which}", mean), (f"cov_{which}", cov)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values; statistics must be finite.")
+    if not np.allclose(cov, cov.T, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(cov).max())):
+        raise ValueError(f"`cov_{which}` is not symmetric, so it is not a covariance matrix.")
+    return mean, cov
 
 
 def frechet_distance(features_a, features_b) -> float:
