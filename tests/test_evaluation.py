@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -167,14 +168,17 @@ def test_training_script_resumes_without_losing_or_repeating_data(tmp_path, keep
     main([*common, "--output_dir", str(tmp_path / "full"), "--work_dir", str(tmp_path / "full_work")])
     card = (tmp_path / "full" / "README.md").read_text()
     assert "library_name: diffusers" in card and "test-split accuracy" in card and "--num_epochs 2" in card
+    assert "training/train_digit_classifier.py --resolution 8" in card
 
-    # A run killed after its first epoch's checkpoint: keep only that checkpoint, then resume.
+    # A run killed after its first epoch's checkpoint (5 steps of 64 of 300 digits): keep only that checkpoint, and
+    # leave what a kill during the second epoch's write leaves behind: an unfinished folder, which must not count.
     main([*common, "--output_dir", str(tmp_path / "first"), "--work_dir", str(tmp_path / "work")])
     checkpoints = tmp_path / "work" / "checkpoints"
-    assert json.loads((checkpoints / "epoch-1" / "epoch.json").read_text()) == {"epoch": 1}
-    for path in (checkpoints / "epoch-2").iterdir():
-        path.unlink()
-    (checkpoints / "epoch-2").rmdir()
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    assert json.loads((checkpoints / "checkpoint-5" / "training_position.json").read_text())["epoch"] == 1
+    shutil.rmtree(checkpoints / "checkpoint-10")
+    (checkpoints / "checkpoint-10.partial").mkdir()
+    (checkpoints / "checkpoint-10").mkdir()  # an empty folder, as the old in-place writes left
     resumed_args = [*common, "--output_dir", str(tmp_path / "resumed"), "--work_dir", str(tmp_path / "work")]
     main([*resumed_args, "--resume_from_checkpoint", "latest"])
 
@@ -182,6 +186,10 @@ def test_training_script_resumes_without_losing_or_repeating_data(tmp_path, keep
     resumed = DigitClassifier.from_pretrained(tmp_path / "resumed")
     for (name, expected), (_, actual) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(actual, expected, msg=f"{name} differs after resuming")
+
+    # Resuming with another batch size would not be the same run: refused, with the difference named.
+    with pytest.raises(ValueError, match=r"train_batch_size: checkpoint 64, now 32"):
+        main([*resumed_args, "--batch_size", "32", "--resume_from_checkpoint", "latest"])
 
 
 @pytest.fixture(scope="module")

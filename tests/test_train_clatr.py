@@ -43,7 +43,7 @@ def test_train_saves_a_loadable_model_with_a_card(et_root, tmp_path):
     assert model.config.text_embed_dim == 384 and model.config.text_encoder_id == "all-MiniLM-L6-v2"
     with open(os.path.join(output, "train_metrics.json")) as file:
         metrics = json.load(file)
-    assert metrics["train_steps"] == 3 and metrics["final_train_loss_mean_last_100_steps"] > 0
+    assert metrics["train_steps"] == 3 and metrics["train_loss_mean_last_3_steps"] > 0
     assert 0 <= metrics["val_text_to_trajectory_R@1"] <= 1
     with open(os.path.join(output, "README.md")) as file:
         card = file.read()

@@ -11,51 +11,25 @@ retrieval recall and the CLaTr-Score of the ground-truth pairs. The model is sav
 (safetensors) together with a model card.
 """
 
+# ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
 import argparse
-import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
-from accelerate.utils import set_seed
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
-from storydiff.data import load_clatr_split
-from storydiff.metrics import clatr_score
-from storydiff.models.clatr import CLaTrModel
-from storydiff.text_features import load_text_encoder
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
-    create_accelerator,
+    check_path_or_hub_id,
+    training_argument_parser,
 )
-from storydiff.training.caption_features import cached_caption_features
-from storydiff.training.checkpointing import (
-    SeededEpochSampler,
-    TrainingPosition,
-    epoch_batches,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
-from storydiff.training.et_folder import prepare_et_root
-from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
-from storydiff.training.model_card import training_command, write_model_card
-from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.trajectories import poses_to_features, standardize_camera_features
 
 MINILM_ID = "all-MiniLM-L6-v2"
 CAPTION_COLUMNS = ("caption_cam", "caption")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train CLaTr on an E.T. folder (or a synthetic one).")
+    parser = training_argument_parser("Train CLaTr on an E.T. folder (or a synthetic one).")
     add_common_training_arguments(parser)
     # The reference trains CLaTr with plain AdamW (lr 1e-4 in TEMOS, 1e-5 in the CLaTr config), no EMA, no schedule.
     parser.set_defaults(
@@ -97,7 +71,48 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ValueError(f"--synthetic_samples must be >= 10, got {args.synthetic_samples}.")
     if args.validation_steps < 1:
         raise ValueError(f"--validation_steps must be >= 1, got {args.validation_steps}.")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise ValueError(f"--num_threads must be >= 1, got {args.num_threads}.")
+    check_path_or_hub_id("--text_encoder", args.text_encoder)
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+
+import json
+import time
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from storydiff.atomic_files import save_folder_atomically
+from storydiff.data import load_clatr_split
+from storydiff.metrics import clatr_score
+from storydiff.models.clatr import CLaTrModel
+from storydiff.text_features import load_text_encoder
+from storydiff.training.arguments import create_accelerator
+from storydiff.training.caption_features import cached_caption_features, captions_fingerprint
+from storydiff.training.checkpointing import (
+    SeededEpochSampler,
+    TrainingPosition,
+    epoch_batches,
+    find_checkpoint,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.et_folder import prepare_et_root
+from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
+from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
+from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.trajectories import poses_to_features, standardize_camera_features
 
 
 class TrajectoryCaptionDataset(Dataset):
@@ -188,12 +203,17 @@ def evaluate(model: CLaTrModel, features: list, text: dict, batch_size: int = 64
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Train; returns the output folder holding the saved model."""
+    """Train; returns the output folder holding the saved model. Ctrl-C exits with status 130 and one line on how
+    to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    with resume_hint_on_interrupt(args.output_dir):
+        return train(args, argv)
+
+
+def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    started = time.time()
     accelerator = create_accelerator(args, project_name="train_clatr")
     set_seed(args.seed)
 
@@ -242,6 +262,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     )
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
     optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(model.parameters(), args, accelerator, max_train_steps)
+    settings = resume_settings(
+        args,
+        accelerator,
+        dataset={
+            "num_examples": len(dataset),
+            "captions": captions_fingerprint(list(train_split[args.caption_column])),
+            "caption_column": args.caption_column,
+        },
+        model_config=model.config,
+    )
     objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         CLaTrObjective(model), optimizer, dataloader, lr_scheduler
     )
@@ -252,14 +282,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        position = load_checkpoint(accelerator, checkpoint)
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
     elif args.resume_from_checkpoint is not None:
         accelerator.print("No checkpoint to resume from yet; starting a new run.")
 
     example_log = open(args.debug_example_log, "a") if args.debug_example_log and accelerator.is_main_process else None
     progress = tqdm(total=max_train_steps, initial=position.global_step, desc="Training steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    recent_losses, validation = [], {}
+    validation = {}
     for epoch, batches in epoch_batches(dataloader, position, num_epochs):
         if position.global_step >= max_train_steps:
             break
@@ -272,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 example_log.flush()
             with accelerator.accumulate(objective):
                 terms = objective(batch)
+                terms["loss"] = debug_nan_loss(terms["loss"], args, position.global_step)
+                check_finite_loss(accelerator, terms["loss"], position.global_step)
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
@@ -285,13 +317,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             position.global_step += 1
             logs = {name: accelerator.gather(value.detach()).mean().item() for name, value in terms.items()}
             logs["lr"] = lr_scheduler.get_last_lr()[0]
-            recent_losses = (recent_losses + [logs["loss"]])[-100:]
+            position.record_loss(logs["loss"])
             accelerator.log(logs, step=position.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", epoch=epoch)
 
             if position.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
             if position.global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 with ema_weights(ema, model):
                     validation = evaluate(model, val_features, val_text)
@@ -309,46 +341,26 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(objective).model
         with ema_weights(ema, unwrapped):
-            unwrapped.save_pretrained(args.output_dir, safe_serialization=True)
             validation = evaluate(unwrapped, val_features, val_text)
-        accelerator.log(validation, step=position.global_step)
-        metrics = {
-            "train_steps": position.global_step,
-            "final_train_loss_mean_last_100_steps": float(np.mean(recent_losses)) if recent_losses else None,
-            **validation,
-            "train_wall_time_s": round(time.time() - started, 1),
-            "train_examples": len(dataset),
-            "parameters": sum(p.numel() for p in unwrapped.parameters()),
-        }
-        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as file:
-            json.dump(metrics, file, indent=2)
-        write_model_card(
-            args.output_dir,
-            title=f"CLaTr ({args.latent_dim}-d, {args.num_layers} layers) on {'synthetic ' if args.synthetic_samples else ''}E.T.",
-            description=(
-                "A storydiff `CLaTrModel`: the contrastive language-trajectory embedding (TEMOS/TMR-style VAE "
-                "encoders for camera trajectories and caption tokens, a trajectory decoder) that DIRECTOR's metrics "
-                f"use (FD_CLaTr, CLaTr-Score, P/R/D/C). Caption tokens come from `{text_encoder_id}` "
-                f"(`storydiff.text_features.encode_text`, column `{args.caption_column}`); trajectories are "
-                "standardised DIRECTOR features (`storydiff.trajectories`). Trained by storydiff's "
-                "`training/train_clatr.py` on the `clatr_train` split; the validation figures below are on "
-                "`clatr_val`."
-            ),
-            tags=["clatr", "camera-trajectory", "text-trajectory-retrieval", "director"],
-            command=training_command(argv, script=os.path.abspath(__file__)),
-            metrics={k: v for k, v in metrics.items() if v is not None},
-            usage=(
-                "from storydiff import CLaTrModel\nfrom storydiff.text_features import encode_text, "
-                "load_text_encoder\nfrom storydiff.trajectories import poses_to_features, "
-                "standardize_camera_features\n\n"
-                'clatr = CLaTrModel.from_pretrained("path/to/this/folder").eval()\n'
-                "text_encoder, tokenizer = load_text_encoder(None)  # the model's text_encoder_id\n"
-                'text = encode_text(text_encoder, tokenizer, ["The camera trucks right."])\n'
-                "text_embedding = clatr.encode_text(text.tokens, text.mask)\n"
-                "trajectory_embedding = clatr.encode_trajectory(standardize_camera_features("
-                "poses_to_features(poses))[None])"
-            ),
-        )
+            accelerator.log(validation, step=position.global_step)
+            metrics = {
+                "train_steps": position.global_step,
+                **recent_loss_metric(position.recent_losses),
+                **validation,
+                "train_wall_time_s": round(position.total_wall_time_s(), 1),
+                "train_examples": len(dataset),
+                "parameters": sum(p.numel() for p in unwrapped.parameters()),
+            }
+
+            def write_outputs(folder: str) -> None:
+                # One atomic swap: a kill or a full disk leaves the previous model or this one, never a mix;
+                # checkpoints, logs and the caption-feature caches already there are kept.
+                unwrapped.save_pretrained(folder, safe_serialization=True)
+                with open(os.path.join(folder, "train_metrics.json"), "w") as file:
+                    json.dump(metrics, file, indent=2)
+                write_card(folder, args, argv, metrics, text_encoder_id)
+
+            save_folder_atomically(args.output_dir, write_outputs)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             # The cached caption features and a generated synthetic data set are training inputs, not the model.
@@ -360,6 +372,36 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         accelerator.print(f"Saved CLaTr and its model card in {args.output_dir}: {validation}")
     accelerator.end_training()
     return args.output_dir
+
+
+def write_card(folder, args, argv, metrics, text_encoder_id) -> None:
+    write_model_card(
+        folder,
+        title=f"CLaTr ({args.latent_dim}-d, {args.num_layers} layers) on {'synthetic ' if args.synthetic_samples else ''}E.T.",
+        description=(
+            "A storydiff `CLaTrModel`: the contrastive language-trajectory embedding (TEMOS/TMR-style VAE "
+            "encoders for camera trajectories and caption tokens, a trajectory decoder) that DIRECTOR's metrics "
+            f"use (FD_CLaTr, CLaTr-Score, P/R/D/C). Caption tokens come from `{text_encoder_id}` "
+            f"(`storydiff.text_features.encode_text`, column `{args.caption_column}`); trajectories are "
+            "standardised DIRECTOR features (`storydiff.trajectories`). Trained by storydiff's "
+            "`training/train_clatr.py` on the `clatr_train` split; the validation figures below are on "
+            "`clatr_val`."
+        ),
+        tags=["clatr", "camera-trajectory", "text-trajectory-retrieval", "director"],
+        command=training_command(argv, script=os.path.abspath(__file__)),
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        usage=(
+            "from storydiff import CLaTrModel\nfrom storydiff.text_features import encode_text, "
+            "load_text_encoder\nfrom storydiff.trajectories import poses_to_features, "
+            "standardize_camera_features\n\n"
+            'clatr = CLaTrModel.from_pretrained("path/to/this/folder").eval()\n'
+            "text_encoder, tokenizer = load_text_encoder(None)  # the model's text_encoder_id\n"
+            'text = encode_text(text_encoder, tokenizer, ["The camera trucks right."])\n'
+            "text_embedding = clatr.encode_text(text.tokens, text.mask)\n"
+            "trajectory_embedding = clatr.encode_trajectory(standardize_camera_features("
+            "poses_to_features(poses))[None])"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -6,16 +6,61 @@ minute on a CPU:
 
     python training/train_digit_classifier.py --resolution 16 --output_dir storydiff/checkpoints/digit-classifier
 
-Data order is a per-epoch permutation seeded by `seed + epoch`, and a checkpoint is written after every epoch, so
-`--resume_from_checkpoint latest` continues after a kill without losing or repeating data.
+Data order is a per-epoch permutation seeded by `seed + epoch`, and a checkpoint is written after every epoch (the
+shared training/checkpointing.py, in `--work_dir/checkpoints`), so `--resume_from_checkpoint latest` continues
+after a kill without losing or repeating data.
 """
 
+# ruff: noqa: E402 -- the flags are parsed before torch is imported, so that --help answers at once
 import argparse
-import json
 import math
-import shlex
-import shutil
+import os
 import sys
+
+from storydiff.training.arguments import training_argument_parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = training_argument_parser(__doc__)
+    parser.add_argument("--output_dir", default="storydiff/checkpoints/digit-classifier", help="final model folder")
+    parser.add_argument("--work_dir", default="runs/digit-classifier", help="checkpoints and tensorboard logs")
+    parser.add_argument("--resolution", type=int, default=16, help="the diffusion checkpoint's resolution")
+    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 32])
+    parser.add_argument("--num_epochs", type=int, default=30)
+    # Named like the shared flag inside, so that the shared resume checks read it.
+    parser.add_argument("--batch_size", dest="train_batch_size", type=int, default=64)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--no_augment", action="store_true", help="turn off random shifts, scales and rotations")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N train digits")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    parser.add_argument(
+        "--allow_resume_with_changed_settings",
+        action="store_true",
+        help="resume even if batch size, seed, data or model differ from the checkpoint's (with a warning)",
+    )
+    parser.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch_num_threads", type=int, default=None, help="CPU threads (1 is best on a busy CPU)")
+    parser.add_argument("--debug_nan_loss_at_step", type=int, default=None, help=argparse.SUPPRESS)  # for tests
+    parser.set_defaults(gradient_accumulation_steps=1)
+    args = parser.parse_args(argv)
+    for name in ("num_epochs", "train_batch_size", "checkpoints_total_limit"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('train_', '')} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        parser.error(f"--max_train_samples must be >= 1 (or left out for all digits), got {args.max_train_samples}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        parser.error(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if args.torch_num_threads is not None and args.torch_num_threads < 1:
+        parser.error(f"--torch_num_threads must be >= 1, got {args.torch_num_threads}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+
 from pathlib import Path
 
 import torch
@@ -24,33 +69,23 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from storydiff.evaluation.digits import DigitClassifier
+from storydiff.atomic_files import save_folder_atomically
 from storydiff.data.digits import NUM_DIGIT_CLASSES, digits_arrays
-
-EPOCH_FILE = "epoch.json"
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="storydiff/checkpoints/digit-classifier", help="final model folder")
-    parser.add_argument("--work_dir", default="runs/digit-classifier", help="checkpoints and tensorboard logs")
-    parser.add_argument("--resolution", type=int, default=16, help="the diffusion checkpoint's resolution")
-    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 32])
-    parser.add_argument("--num_epochs", type=int, default=30)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--no_augment", action="store_true", help="turn off random shifts, scales and rotations")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N train digits")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
-    parser.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--torch_num_threads", type=int, default=None, help="CPU threads (1 is best on a busy CPU)")
-    args = parser.parse_args(argv)
-    if args.num_epochs < 1 or args.batch_size < 1:
-        parser.error("--num_epochs and --batch_size must be >= 1")
-    return args
+from storydiff.evaluation.digits import DigitClassifier
+from storydiff.training.checkpointing import (
+    TrainingPosition,
+    find_checkpoint,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from storydiff.training.model_card import training_command
+from storydiff.training.run_guards import (
+    check_finite_loss,
+    check_output_dir_writable,
+    debug_nan_loss,
+    resume_hint_on_interrupt,
+)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -79,11 +114,6 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
     return (predictions == labels).float().mean().item()
 
 
-def latest_checkpoint(work_dir: Path):
-    checkpoints = sorted((work_dir / "checkpoints").glob("epoch-*"), key=lambda path: int(path.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
-
-
 def write_model_card(output_dir: Path, args, metrics: dict, command: str, num_parameters: int) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -107,6 +137,7 @@ to score class-conditional samples: class accuracy, and a Frechet distance betwe
 | train-split accuracy | {metrics["train_accuracy"]:.4f} |
 | test-split accuracy ({metrics["num_test"]} images, never trained on) | {metrics["test_accuracy"]:.4f} |
 | epochs | {args.num_epochs} |
+| training wall time, all sessions (s) | {metrics["train_wall_time_s"]:.1f} |
 
 Trained with:
 
@@ -120,14 +151,25 @@ from storydiff.evaluation import class_accuracy, digit_frechet_distance, load_di
 classifier = load_digit_classifier()  # this folder
 ```
 """
-    ModelCard(content).save(output_dir / "README.md")
+    ModelCard(content).save(Path(output_dir) / "README.md")
 
 
 def main(argv=None) -> dict:
+    """Train; returns the metrics. Ctrl-C exits with status 130 and one line on how to resume."""
+    argv = [str(argument) for argument in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
+    with resume_hint_on_interrupt(args.output_dir, checkpoint_dir=os.path.join(args.work_dir, "checkpoints")):
+        return train(args, argv)
+
+
+def train(args: argparse.Namespace, argv) -> dict:
+    # Both folders are checked before the first step, not found unwritable after the last one.
+    check_output_dir_writable(args.output_dir)
+    check_output_dir_writable(args.work_dir, flag="--work_dir")
     if args.torch_num_threads is not None:
         torch.set_num_threads(args.torch_num_threads)
     work_dir, output_dir = Path(args.work_dir), Path(args.output_dir)
+    checkpoint_dir = str(work_dir / "checkpoints")
     accelerator = Accelerator(
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(work_dir), logging_dir=str(work_dir / "logs")),
@@ -142,59 +184,58 @@ def main(argv=None) -> dict:
         sample_size=args.resolution, block_out_channels=tuple(args.block_out_channels), num_classes=NUM_DIGIT_CLASSES
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
+    steps_per_epoch = math.ceil(len(train_labels) / args.train_batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.learning_rate, total_steps=args.num_epochs * steps_per_epoch
+    )
+    settings = resume_settings(
+        args,
+        accelerator,
+        dataset={"name": "sklearn-digits", "resolution": args.resolution, "num_examples": len(train_labels)},
+        model_config={**model.config, "augment": not args.no_augment, "num_epochs": args.num_epochs},
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("digit-classifier", config={k: str(v) for k, v in vars(args).items()})
 
-    first_epoch = 0
-    if args.resume_from_checkpoint:
-        checkpoint = (
-            latest_checkpoint(work_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        if checkpoint is None:
-            accelerator.print("No checkpoint to resume from; starting from scratch.")
-        else:
-            accelerator.load_state(str(checkpoint))
-            first_epoch = json.loads((checkpoint / EPOCH_FILE).read_text())["epoch"]
-            accelerator.print(f"Resumed from {checkpoint} after epoch {first_epoch}.")
+    position = TrainingPosition()
+    checkpoint = find_checkpoint(checkpoint_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
+        accelerator.print(f"Resumed from {checkpoint} after epoch {position.epoch}.")
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print("No checkpoint to resume from; starting from scratch.")
 
     progress = tqdm(
-        range(first_epoch * steps_per_epoch, args.num_epochs * steps_per_epoch),
+        range(position.epoch * steps_per_epoch, args.num_epochs * steps_per_epoch),
         desc="digit classifier",
         disable=not accelerator.is_local_main_process,
     )
-    for epoch in range(first_epoch, args.num_epochs):
+    for epoch in range(position.epoch, args.num_epochs):
         # The epoch alone fixes the data order and augmentation, so a resumed run sees exactly what it would have.
         epoch_generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         order = torch.randperm(len(train_labels), generator=epoch_generator)
-        for step, batch_indices in enumerate(order.split(args.batch_size)):
+        for batch_indices in order.split(args.train_batch_size):
             images, labels = train_images[batch_indices], train_labels[batch_indices]
             if not args.no_augment:
                 images = augment(images, epoch_generator)
             loss = F.cross_entropy(model(images.to(accelerator.device)), labels.to(accelerator.device))
+            loss = debug_nan_loss(loss, args, position.global_step)
+            step_loss = check_finite_loss(accelerator, loss, position.global_step)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
+            position.global_step += 1
+            position.record_loss(step_loss)
             progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            accelerator.log({"train/loss": loss.item()}, step=epoch * steps_per_epoch + step)
+            progress.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}")
+            accelerator.log({"train/loss": step_loss}, step=position.global_step - 1)
 
         test_accuracy = accuracy(accelerator.unwrap_model(model), test_images.to(accelerator.device), test_labels)
         accelerator.log({"test/accuracy": test_accuracy}, step=(epoch + 1) * steps_per_epoch)
-        if accelerator.is_main_process:
-            checkpoint = work_dir / "checkpoints" / f"epoch-{epoch + 1}"
-            accelerator.save_state(str(checkpoint))
-            (checkpoint / EPOCH_FILE).write_text(json.dumps({"epoch": epoch + 1}))
-            old = sorted((work_dir / "checkpoints").glob("epoch-*"), key=lambda path: int(path.name.split("-")[1]))
-            for stale in old[: -args.checkpoints_total_limit]:
-                shutil.rmtree(stale)
+        position.epoch = epoch + 1
+        save_checkpoint(accelerator, checkpoint_dir, position, args.checkpoints_total_limit, settings)
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -203,13 +244,17 @@ def main(argv=None) -> dict:
         "train_accuracy": accuracy(model, train_images.to(accelerator.device), train_labels),
         "test_accuracy": accuracy(model, test_images.to(accelerator.device), test_labels),
         "num_test": len(test_labels),
+        "train_wall_time_s": round(position.total_wall_time_s(), 1),
     }
     if accelerator.is_main_process:
-        model.save_pretrained(output_dir)  # safetensors
-        command = "python training/train_digit_classifier.py " + shlex.join(
-            sys.argv[1:] if argv is None else [str(argument) for argument in argv]
-        )
-        write_model_card(output_dir, args, metrics, command.strip(), sum(p.numel() for p in model.parameters()))
+        command = training_command(argv, script=os.path.abspath(__file__))
+        num_parameters = sum(p.numel() for p in model.parameters())
+
+        def write_outputs(folder: str) -> None:  # one atomic swap: the old classifier or the new one, never a mix
+            model.save_pretrained(folder)  # safetensors
+            write_model_card(folder, args, metrics, command, num_parameters)
+
+        save_folder_atomically(output_dir, write_outputs)
         accelerator.print(
             f"test accuracy {metrics['test_accuracy']:.4f} (train {metrics['train_accuracy']:.4f}); saved to {output_dir}"
         )

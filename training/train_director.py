@@ -21,52 +21,26 @@ The result is a `DirectorPipeline` folder (model with EMA weights, `EDMHeunSched
 `--no-save_text_encoder`), a model card, and `train_metrics.json`.
 """
 
+# ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
 import argparse
-import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
-from accelerate.utils import set_seed
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
-
-from storydiff.custom_pipelines.director import DirectorPipeline
-from storydiff.data import load_et
-from storydiff.models.director import CONDITIONING_TYPES, DirectorModel, drop_conditions, edm_loss
-from storydiff.schedulers.scheduling_edm_heun import EDMHeunScheduler
-from storydiff.text_features import TextFeatures, encode_text, load_text_encoder
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
-    create_accelerator,
+    check_path_or_hub_id,
+    training_argument_parser,
 )
-from storydiff.training.caption_features import cached_caption_features
-from storydiff.training.checkpointing import (
-    SeededEpochSampler,
-    TrainingPosition,
-    epoch_batches,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
-from storydiff.training.et_folder import prepare_et_root
-from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
-from storydiff.training.model_card import training_command, write_model_card
-from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.trajectories import encode_character, poses_to_features, standardize_camera_features, tag_camera_motion
 
 MINILM_ID = "all-MiniLM-L6-v2"
 CAPTION_COLUMNS = ("caption", "caption_cam")
+CONDITIONING_TYPES = ("in_context", "adaln", "cross_attention")  # storydiff.models.director's (a test checks)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train DIRECTOR on an E.T. folder (or a synthetic one).")
+    parser = training_argument_parser("Train DIRECTOR on an E.T. folder (or a synthetic one).")
     add_common_training_arguments(parser)
     parser.set_defaults(
         learning_rate=1e-4,
@@ -151,8 +125,51 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if not 0.0 <= args.label_dropout < 1.0:
         raise ValueError(f"--label_dropout must be in [0, 1), got {args.label_dropout}.")
+    check_path_or_hub_id("--text_encoder", args.text_encoder)
+    if args.clatr_model is not None and not os.path.isdir(args.clatr_model):
+        raise ValueError(
+            f"--clatr_model {args.clatr_model!r} is not a folder (a CLaTrModel saved with save_pretrained)."
+        )
     return args
 
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+
+import json
+import time
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from storydiff.atomic_files import save_folder_atomically
+from storydiff.custom_pipelines.director import DirectorPipeline
+from storydiff.data import load_et
+from storydiff.models.director import DirectorModel, drop_conditions, edm_loss
+from storydiff.schedulers.scheduling_edm_heun import EDMHeunScheduler
+from storydiff.text_features import TextFeatures, encode_text, load_text_encoder
+from storydiff.training.arguments import create_accelerator
+from storydiff.training.caption_features import cached_caption_features, captions_fingerprint
+from storydiff.training.checkpointing import (
+    SeededEpochSampler,
+    TrainingPosition,
+    epoch_batches,
+    find_checkpoint,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.et_folder import prepare_et_root
+from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
+from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
+from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.trajectories import encode_character, poses_to_features, standardize_camera_features, tag_camera_motion
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
@@ -248,6 +265,7 @@ def evaluate(model, scheduler, test_split, test_dataset, args, text_encoder=None
     metrics = {"val_loss": float(np.average(losses, weights=weights)), "val_samples": len(test_dataset)}
 
     count = min(args.num_validation_samples, len(test_dataset))
+    metrics["val_generated_samples"] = count
     if count > 0:
         pipeline = DirectorPipeline(model=model, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
         pipeline.set_progress_bar_config(disable=True)
@@ -313,10 +331,15 @@ def clatr_metrics(clatr, features_real, features_fake, text_rows, device) -> dic
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Train; returns the output folder holding the saved pipeline."""
+    """Train; returns the output folder holding the saved pipeline. Ctrl-C exits with status 130 and one line on
+    how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    started = time.time()
+    with resume_hint_on_interrupt(args.output_dir):
+        return train(args, argv)
+
+
+def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     accelerator = create_accelerator(args, project_name="train_director")
     set_seed(args.seed)
 
@@ -376,6 +399,17 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     )
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
     optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(model.parameters(), args, accelerator, max_train_steps)
+    settings = resume_settings(
+        args,
+        accelerator,
+        dataset={
+            "subset": args.subset,
+            "num_examples": len(train_dataset),
+            "captions": captions_fingerprint(captions["train"]),
+            "caption_column": args.caption_column,
+        },
+        model_config={**model.config, "label_dropout": args.label_dropout, "text_encoder": text_encoder_id},
+    )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
     ema = create_ema(unwrapped, args.ema_decay, args.ema_power) if args.use_ema else None
@@ -391,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        position = load_checkpoint(accelerator, checkpoint)
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
     elif args.resume_from_checkpoint is not None:
         accelerator.print("No checkpoint to resume from yet; starting a new run.")
 
@@ -399,7 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     example_log = open(args.debug_example_log, "a") if args.debug_example_log and accelerator.is_main_process else None
     progress = tqdm(total=max_train_steps, initial=position.global_step, desc="Training steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    recent_losses, validation = [], {}
+    validation = {}
     for epoch, batches in epoch_batches(dataloader, position, num_epochs):
         if position.global_step >= max_train_steps:
             break
@@ -425,6 +459,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                     text_tokens=tokens,
                     text_mask=mask,
                 )
+                loss = debug_nan_loss(loss, args, position.global_step)
+                step_loss = check_finite_loss(accelerator, loss, position.global_step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -436,14 +472,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if ema is not None:
                 ema.step(unwrapped.parameters())
             position.global_step += 1
-            logs = {"loss": accelerator.gather(loss.detach()).mean().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            recent_losses = (recent_losses + [logs["loss"]])[-100:]
+            position.record_loss(step_loss)
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
             accelerator.log(logs, step=position.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", epoch=epoch)
 
             if position.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
             if position.global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 with ema_weights(ema, unwrapped):
                     validation = evaluate(
@@ -471,19 +507,25 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 text_encoder=encoder if args.save_text_encoder else None,
                 tokenizer=tokenizer if args.save_text_encoder else None,
             )
-            pipeline.save_pretrained(args.output_dir, safe_serialization=True)
-        accelerator.log(validation, step=position.global_step)
-        metrics = {
-            "train_steps": position.global_step,
-            "final_train_loss_mean_last_100_steps": float(np.mean(recent_losses)) if recent_losses else None,
-            **validation,
-            "train_wall_time_s": round(time.time() - started, 1),
-            "train_examples": len(train_dataset),
-            "parameters": sum(p.numel() for p in unwrapped.parameters()),
-        }
-        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as file:
-            json.dump(metrics, file, indent=2)
-        write_card(args, argv, metrics, text_encoder_id)
+            metrics = {
+                "train_steps": position.global_step,
+                **recent_loss_metric(position.recent_losses),
+                **validation,
+                "train_wall_time_s": round(position.total_wall_time_s(), 1),
+                "train_examples": len(train_dataset),
+                "parameters": sum(p.numel() for p in unwrapped.parameters()),
+            }
+
+            def write_outputs(folder: str) -> None:
+                # One atomic swap: a kill or a full disk leaves the previous pipeline or this one, never a mix;
+                # checkpoints, logs and the caption-feature caches already there are kept.
+                pipeline.save_pretrained(folder, safe_serialization=True)
+                with open(os.path.join(folder, "train_metrics.json"), "w") as file:
+                    json.dump(metrics, file, indent=2)
+                write_card(folder, args, argv, metrics, text_encoder_id)
+
+            accelerator.log(validation, step=position.global_step)
+            save_folder_atomically(args.output_dir, write_outputs)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             ignore = (*DEFAULT_IGNORE_PATTERNS, "text_features_*.safetensors", "synthetic_et/**")
@@ -496,7 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return args.output_dir
 
 
-def write_card(args, argv, metrics, text_encoder_id):
+def write_card(folder, args, argv, metrics, text_encoder_id):
     variant = {"in_context": "A (in-context)", "adaln": "B (AdaLN)", "cross_attention": "C (cross-attention)"}
     data = args.dataset_label or ("synthetic E.T." if args.synthetic_samples else "E.T.")
     if args.save_text_encoder:
@@ -510,7 +552,7 @@ def write_card(args, argv, metrics, text_encoder_id):
             "tokenizer=tokenizer)"
         )
     write_model_card(
-        args.output_dir,
+        folder,
         title=f"DIRECTOR {variant[args.conditioning_type]}, {args.hidden_size}-d x {args.num_layers}, on {data}",
         description=(
             "A storydiff `DirectorPipeline`: DIRECTOR (Courant et al., ECCV 2024) generates camera trajectories "
@@ -520,7 +562,7 @@ def write_card(args, argv, metrics, text_encoder_id):
             + ("" if args.save_text_encoder else "; the text encoder is not stored here, attach it when loading")
             + ". Trained by storydiff's `training/train_director.py`; validation figures are on the "
             f"`{args.subset}_test` split ({metrics.get('val_samples')} samples for the loss, "
-            f"{args.num_validation_samples} generated trajectories for the tagger-based C-P/C-R/C-F1)."
+            f"{metrics.get('val_generated_samples')} generated trajectories for the tagger-based C-P/C-R/C-F1)."
         ),
         tags=["director", "camera-trajectory", "text-to-trajectory", "edm"],
         command=training_command(argv, script=os.path.abspath(__file__)),
