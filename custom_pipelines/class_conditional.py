@@ -12,6 +12,7 @@ Usable as `ClassConditionalPipeline.from_pretrained(folder)` and as
 trust_remote_code=True)`.
 """
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -25,7 +26,14 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from storydiff.schedulers.guidance_schedule import GuidanceSchedule, GuidanceScheduleLike
+from storydiff.pipeline_checks import (
+    check_callback_tensor_inputs,
+    check_generator,
+    check_guidance_scales,
+    check_latents,
+)
+from storydiff.pipeline_mixins import SavedPipelineClassMixin, StepCallbackStateMixin
+from storydiff.schedulers.guidance_schedule import GuidanceSchedule, GuidanceScheduleLike, StepGuidance
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -49,13 +57,24 @@ class ClassConditionalPipelineOutput(BaseOutput):
     guidance_scales: List[float]
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
+class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, DiffusionPipeline):
     r"""Class-conditional generation with classifier-free guidance (CFG) and guidance weight schedules.
 
     CFG follows diffusers: `eps = eps_null + g_i * (eps_class - eps_null)`, with `g_i` the per-step scale from
     `GuidanceSchedule.from_any(guidance_schedule).scales(guidance_scale, num_inference_steps)`. A step runs CFG when
     `g_i > 1`; on the other steps the null-class half of the batch is not computed at all, so the denoiser runs on
     the conditional batch only. The `static` schedule is plain constant CFG.
+
+    Step callbacks follow diffusers' protocol: during `callback_on_step_end`, `pipe.guidance_scale` is the scale of
+    the step that just ran, `pipe.num_timesteps` the number of steps, and setting `pipe._interrupt = True` stops the
+    run. A callback that sets `pipe._guidance_scale` changes the scale of the next steps under the static schedule;
+    under any other schedule only a value `<= 1` (guidance off) is applied (`StepGuidance` documents the rule, which
+    is the same in every storydiff pipeline).
+
+    A call never changes the pipeline's components (the scheduler it steps is a per-call copy of `pipe.scheduler`),
+    so calls with different arguments may run at the same time from several threads, as long as no step callback
+    changes pipeline state (`pipe._guidance_scale`, `pipe._interrupt`); for those, give each request its own
+    `ClassConditionalPipeline.from_pipe(pipe)`, as in docs/guides/serving.md.
 
     Args:
         scheduler ([`SchedulerMixin`]):
@@ -95,10 +114,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         num_classes = self._check_num_classes(num_classes)
         id2label = self._check_id2label(id2label, num_classes)
         self.register_to_config(num_classes=num_classes, id2label=id2label)
-        self._guidance_scales: Optional[torch.Tensor] = None
-        self._guidance_scale: Optional[float] = None
-        self._num_timesteps = 0
-        self._interrupt = False
 
     # ----------------------------------------------------------------------------------------------- components
 
@@ -167,31 +182,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
             checked[index] = str(name)
         return dict(sorted(checked.items()))
 
-    # ------------------------------------------------------------------------------------------------ properties
-
-    @property
-    def guidance_scales(self) -> Optional[torch.Tensor]:
-        """The per-step guidance scales `g_i` used by the last call, step 0 (noisiest) first."""
-        return self._guidance_scales
-
-    @property
-    def guidance_scale(self) -> Optional[float]:
-        """The guidance scale of the current step (during a call) or of the last step (after it)."""
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        """Whether the current step runs the null-class pass."""
-        return self._guidance_scale is not None and self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
     # ------------------------------------------------------------------------------------------------- helpers
 
     def get_label_ids(self, label: Union[str, Sequence[str]]) -> List[int]:
@@ -253,12 +243,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         self._check_positive_int("num_inference_steps", num_inference_steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [name for name in callback_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {unknown}; this pipeline can pass "
-                f"{self._callback_tensor_inputs}."
-            )
+        check_callback_tensor_inputs(callback_tensor_inputs, self._callback_tensor_inputs)
 
     def _latent_shape(self, batch_size: int):
         config = self.denoiser.config
@@ -266,23 +251,19 @@ class ClassConditionalPipeline(DiffusionPipeline):
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, config.in_channels, height, width)
 
-    def prepare_latents(self, batch_size, dtype, device, generator, latents=None):
+    def prepare_latents(self, batch_size, dtype, device, generator, latents=None, scheduler=None):
+        """Starting noise `(images, channels, height, width)`, times the scheduler's `init_noise_sigma`."""
+        scheduler = scheduler or self.scheduler
         shape = self._latent_shape(batch_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
-            if not isinstance(latents, torch.Tensor):
-                raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
-            if tuple(latents.shape) != shape:
-                raise ValueError(
-                    f"`latents` must have shape {shape} (images, channels, height, width), got {tuple(latents.shape)}."
-                )
-            latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+            latents = check_latents(latents, shape).to(device=device, dtype=dtype)
+        return latents * scheduler.init_noise_sigma
 
-    def prepare_extra_step_kwargs(self, generator, eta):
+    def prepare_extra_step_kwargs(self, generator, eta, scheduler=None):
         # Only some schedulers (DDIM) take `eta`, and only some take a generator.
-        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        parameters = set(inspect.signature((scheduler or self.scheduler).step).parameters)
         extra = {}
         if "eta" in parameters:
             extra["eta"] = eta
@@ -290,8 +271,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
-    def _predict_noise(self, latents: torch.Tensor, t, class_labels: torch.Tensor) -> torch.Tensor:
-        model_input = self.scheduler.scale_model_input(latents, t)
+    def _predict_noise(self, scheduler, latents: torch.Tensor, t, class_labels: torch.Tensor) -> torch.Tensor:
+        model_input = scheduler.scale_model_input(latents, t)
         timesteps = t if torch.is_tensor(t) else torch.tensor(t, device=latents.device)
         timesteps = timesteps.reshape(-1)[:1].to(latents.device).expand(latents.shape[0])
         if self.unet is not None:
@@ -357,9 +338,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             num_inference_steps (`int`, defaults to 50):
                 Number of denoising steps.
             generator (`torch.Generator` or list of them, *optional*):
-                Makes generation deterministic; a list needs one generator per image.
+                Makes generation deterministic; a list needs exactly one generator per image
+                (`len(class_labels) * num_images_per_class`).
             latents (`torch.Tensor`, *optional*):
-                Starting noise of shape `(batch, channels, height, width)`, before scaling by the scheduler's
+                Starting noise of shape `(batch, channels, height, width)`, finite, before scaling by the scheduler's
                 `init_noise_sigma`.
             eta (`float`, defaults to 0.0):
                 DDIM's eta; ignored by schedulers that do not take it.
@@ -370,7 +352,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 guidance_scales)`.
             callback_on_step_end (callable or `PipelineCallback`, *optional*):
                 Called as `callback_on_step_end(self, step_index, timestep, callback_kwargs)` after each step; it may
-                return a dict with replacement tensors (e.g. `latents`).
+                return a dict with replacement tensors (e.g. `latents`), set `self._guidance_scale` (see the class
+                docstring for how it applies) or set `self._interrupt = True`.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in `callback_kwargs`.
 
@@ -390,52 +373,62 @@ class ClassConditionalPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(num_images_per_class, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
         labels = [label for label in self._class_label_list(class_labels) for _ in range(num_images_per_class)]
-        scales = GuidanceSchedule.from_any(guidance_schedule).scales(guidance_scale, num_inference_steps)
+        schedule = GuidanceSchedule.from_any(guidance_schedule)
+        scales = schedule.scales(guidance_scale, num_inference_steps)
 
         device = self._execution_device
         dtype = self.denoiser.dtype
         batch_size = len(labels)
+        check_generator(generator, batch_size)
+        check_guidance_scales(scales, dtype)
         class_tensor = torch.tensor(labels, device=device, dtype=torch.long)
         null_tensor = torch.full_like(class_tensor, self.null_class_label)
         class_and_null = torch.cat([class_tensor, null_tensor])
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        # Sampling state lives in a copy of the scheduler, so that concurrent calls cannot disturb each other.
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
         if len(timesteps) != num_inference_steps:
             # Second-order schedulers repeat timesteps; a per-step schedule needs one scale per model call.
             raise ValueError(
                 f"The scheduler runs {len(timesteps)} model evaluations for {num_inference_steps} steps; "
                 "ClassConditionalPipeline needs a first-order scheduler (one evaluation per step), e.g. DDIM."
             )
-        latents = self.prepare_latents(batch_size, dtype, device, generator, latents)
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        latents = self.prepare_latents(batch_size, dtype, device, generator, latents, scheduler=scheduler)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta, scheduler=scheduler)
 
-        self._guidance_scales = scales
+        guidance = StepGuidance(schedule, scales, guidance_scale)
+        applied_scales = []
+        self._guidance_scale = guidance.scale(0)
         self._num_timesteps = len(timesteps)
         self._interrupt = False
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 continue
-            self._guidance_scale = float(scales[i])
-            if self.do_classifier_free_guidance:
-                noise = self._predict_noise(torch.cat([latents, latents]), t, class_and_null)
+            step_scale = guidance.scale(i)
+            applied_scales.append(step_scale)
+            if step_scale > 1:
+                noise = self._predict_noise(scheduler, torch.cat([latents, latents]), t, class_and_null)
                 noise_class, noise_null = noise.chunk(2)
-                noise_pred = noise_null + self._guidance_scale * (noise_class - noise_null)
+                noise_pred = noise_null + step_scale * (noise_class - noise_null)
             else:
                 # No guidance on this step: the null-class half is not computed at all.
-                noise_pred = self._predict_noise(latents, t, class_tensor)
+                noise_pred = self._predict_noise(scheduler, latents, t, class_tensor)
 
-            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
                 step_tensors = {"latents": latents}
                 callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                self._guidance_scale = step_scale
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                guidance.after_callback(step_scale, self._guidance_scale)
                 latents = callback_outputs.pop("latents", latents)
 
         images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
-        scale_list = [float(scale) for scale in scales]
+        self._guidance_scales = torch.tensor(applied_scales, dtype=torch.float64)
         if not return_dict:
-            return (images, labels, scale_list)
-        return ClassConditionalPipelineOutput(images=images, class_labels=labels, guidance_scales=scale_list)
+            return (images, labels, applied_scales)
+        return ClassConditionalPipelineOutput(images=images, class_labels=labels, guidance_scales=applied_scales)

@@ -11,6 +11,7 @@ which halves every velocity and shrinks the 6D rotation columns; this pipeline d
 the scale of its training trajectories.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -23,7 +24,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from storydiff.models.director import DirectorModel
-from storydiff.schedulers.guidance_schedule import GuidanceSchedule, GuidanceScheduleLike
+from storydiff.pipeline_checks import (
+    check_callback_tensor_inputs,
+    check_generator,
+    check_guidance_scales,
+    check_latents,
+)
+from storydiff.pipeline_mixins import SavedPipelineClassMixin, StepCallbackStateMixin
+from storydiff.schedulers.guidance_schedule import (
+    GuidanceSchedule,
+    GuidanceScheduleLike,
+    StepGuidance,
+    schedule_step_indices,
+)
 from storydiff.schedulers.scheduling_edm_heun import EDMHeunScheduler
 from storydiff.text_features import TextFeatures, encode_text, null_text_features, text_embed_dim
 from storydiff.trajectories import (
@@ -50,7 +63,8 @@ class DirectorPipelineOutput(BaseOutput):
         character (`np.ndarray` or `torch.Tensor` of shape `(batch, frames, 3)`):
             The character trajectory each camera trajectory was conditioned on (zeros: a static character at the
             origin).
-        guidance_scales (`list[float]`): the guidance scale `g_i` of each Heun step.
+        guidance_scales (`list[float]`): the guidance scale `g_i` applied at each Heun step (a callback may change
+            them, see [`DirectorPipeline`]).
     """
 
     trajectories: Union[np.ndarray, torch.Tensor]
@@ -59,8 +73,18 @@ class DirectorPipelineOutput(BaseOutput):
     guidance_scales: List[float]
 
 
-class DirectorPipeline(DiffusionPipeline):
+class DirectorPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, DiffusionPipeline):
     r"""Text (+ character trajectory) to camera trajectory with DIRECTOR.
+
+    Step callbacks follow diffusers' protocol (`diffusers.callbacks.PipelineCallback` works): a callback runs after
+    each of the `pipe.num_timesteps` model evaluations (`2 * num_inference_steps - 1` for Heun) and sees
+    `pipe.guidance_scale` (the scale of the evaluation that just ran) and `pipe.do_classifier_free_guidance`; it may
+    replace `latents`, set `pipe._interrupt = True`, or set `pipe._guidance_scale` (applied as in every storydiff
+    pipeline: from the next evaluation on under the static schedule; under other schedules only `<= 1`, guidance off).
+
+    A call never changes the pipeline's components (it steps a per-call copy of `pipe.scheduler`), so calls may run
+    from several threads at once; see docs/guides/serving.md. `encode_prompt` works on a pipeline that holds only the
+    text encoder and tokenizer (`model=None, scheduler=None`): encode once, free the encoder, pass `text_features=`.
 
     Args:
         model ([`DirectorModel`]): the denoiser (EDM preconditioning inside).
@@ -88,22 +112,31 @@ class DirectorPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------------------------
     # inputs
 
-    def encode_prompt(self, prompt: Union[str, List[str]], device=None) -> TextFeatures:
-        """Text features of `prompt` for the model (pooled vector and token sequence)."""
+    def encode_prompt(
+        self, prompt: Union[str, List[str]], device=None, max_length: Optional[int] = None
+    ) -> TextFeatures:
+        """Text features of `prompt` for the model (pooled vector and token sequence).
+
+        Works without a model (`DirectorPipeline(model=None, scheduler=None, text_encoder=..., tokenizer=...)`), so
+        that captions can be encoded once and the encoder freed before sampling with `text_features=`. `max_length`
+        (token positions) defaults to the model's `max_text_length`, or to DIRECTOR's 77 without a model.
+        """
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError(
                 "This pipeline has no text encoder; load it with `text_encoder=` and `tokenizer=` "
                 "(e.g. storydiff.text_features.load_text_encoder()) or pass `text_features=`."
             )
-        width = text_embed_dim(self.text_encoder)
-        if width != self.model.config.text_embed_dim:
-            raise ValueError(
-                f"The text encoder's width is {width} but the model expects text features of width "
-                f"{self.model.config.text_embed_dim}; use the text encoder the model was trained with."
-            )
-        return encode_text(
-            self.text_encoder, self.tokenizer, prompt, max_length=self.model.config.max_text_length, device=device
-        )
+        model = getattr(self, "model", None)
+        if model is not None:
+            width = text_embed_dim(self.text_encoder)
+            if width != model.config.text_embed_dim:
+                raise ValueError(
+                    f"The text encoder's width is {width} but the model expects text features of width "
+                    f"{model.config.text_embed_dim}; use the text encoder the model was trained with."
+                )
+        if max_length is None:
+            max_length = model.config.max_text_length if model is not None else 77
+        return encode_text(self.text_encoder, self.tokenizer, prompt, max_length=max_length, device=device)
 
     def _character_batch(self, character_trajectory, num_frames: Optional[int]) -> Optional[torch.Tensor]:
         """Validate the character trajectory (or list of them) as positions `(B, N, 3)`; `None` if not given."""
@@ -187,15 +220,17 @@ class DirectorPipeline(DiffusionPipeline):
                 pass is skipped on Heun steps where `g_i == 1`.
             num_inference_steps (`int`, defaults to 10): Heun steps (`2 * steps - 1` model calls).
             num_trajectories_per_prompt (`int`, defaults to 1): samples per prompt.
-            generator (`torch.Generator` or a list of them, *optional*): for reproducible noise.
-            latents (`torch.Tensor` of shape `(batch, frames, 9)`, *optional*): unit-variance starting noise; it is
-                multiplied by `scheduler.init_noise_sigma`.
+            generator (`torch.Generator` or a list of them, *optional*): for reproducible noise; a list needs exactly
+                one generator per trajectory (prompts x `num_trajectories_per_prompt`).
+            latents (`torch.Tensor` of shape `(batch, frames, 9)`, *optional*): finite, unit-variance starting
+                noise; it is multiplied by `scheduler.init_noise_sigma`.
             text_features ([`~storydiff.text_features.TextFeatures`], *optional*): precomputed text features to use
                 instead of `prompt` (no text encoder needed).
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"` or `"latent"` (the model-space samples).
             return_dict (`bool`, defaults to `True`): return a [`DirectorPipelineOutput`] rather than a tuple.
             callback_on_step_end (`Callable` or `PipelineCallback`, *optional*): called after every scheduler step
-                as `callback(pipeline, step_index, timestep, callback_kwargs)`.
+                as `callback(pipeline, step_index, timestep, callback_kwargs)`; see the class docstring for what it
+                may change.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed in `callback_kwargs`
                 (`["latents"]`).
 
@@ -214,6 +249,12 @@ class DirectorPipeline(DiffusionPipeline):
             (1, 100, 4, 4)
             ```
         """
+        if self.model is None or self.scheduler is None:
+            raise ValueError(
+                "This pipeline has no model or scheduler (it was built for `encode_prompt` only); load the full "
+                "pipeline, e.g. DirectorPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None), and pass "
+                "`text_features=`."
+            )
         config = self.model.config
         device = self._execution_device
 
@@ -235,16 +276,14 @@ class DirectorPipeline(DiffusionPipeline):
                 raise ValueError(
                     f"`num_frames` must be between 1 and the model's maximum {config.num_frames}, got {num_frames}."
                 )
-        scales = GuidanceSchedule.from_any(guidance_schedule).scales(guidance_scale, num_inference_steps)
+        schedule = GuidanceSchedule.from_any(guidance_schedule)
+        scales = schedule.scales(guidance_scale, num_inference_steps)
+        check_guidance_scales(scales, self.model.dtype)
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"] if callback_on_step_end is not None else []
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may only hold {self._callback_tensor_inputs}, got {sorted(unknown)}."
-            )
+        check_callback_tensor_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
         # ---- conditions
         if text_features is None:
@@ -294,23 +333,31 @@ class DirectorPipeline(DiffusionPipeline):
 
         # ---- noise
         shape = (batch, frames, config.sample_dim)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        check_generator(generator, batch)
+        # Heun keeps state between its two evaluations: step a copy, so that concurrent calls cannot disturb each other
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
-            if not isinstance(latents, torch.Tensor):
-                raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}.")
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-            latents = latents.to(device=device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
+            latents = check_latents(latents, shape).to(device=device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
 
         # ---- Heun sampling with classifier-free guidance
-        timesteps = self.scheduler.timesteps
+        timesteps = scheduler.timesteps
+        step_indices = schedule_step_indices(timesteps, num_inference_steps, scheduler.order)
+        guidance = StepGuidance(schedule, scales, guidance_scale)
+        applied_scales = []
+        self._guidance_scale = guidance.scale(0)
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                scale = float(scales[min(i // self.scheduler.order, num_inference_steps - 1)])
-                model_input = self.scheduler.scale_model_input(latents, t).to(dtype)
+                if self.interrupt:
+                    continue
+                scale = guidance.scale(step_indices[i])
+                applied_scales.append(scale)
+                model_input = scheduler.scale_model_input(latents, t).to(dtype)
                 sigma = t.expand(batch)
                 if scale == 1.0:
                     denoised = self.model(model_input, sigma, **conditional).sample
@@ -318,12 +365,14 @@ class DirectorPipeline(DiffusionPipeline):
                     doubled = torch.cat([model_input, model_input])
                     cond, uncond = self.model(doubled, torch.cat([sigma, sigma]), **both).sample.chunk(2)
                     denoised = uncond + scale * (cond - uncond)
-                latents = self.scheduler.step(denoised.float(), t, latents).prev_sample
+                latents = scheduler.step(denoised.float(), t, latents).prev_sample
 
                 if callback_on_step_end is not None:
                     available = {"latents": latents}
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    self._guidance_scale = scale
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    guidance.after_callback(scale, self._guidance_scale)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
 
@@ -340,7 +389,11 @@ class DirectorPipeline(DiffusionPipeline):
             trajectories = trajectories.cpu().numpy()
             features = features.cpu().numpy()
             character_out = character_out.cpu().numpy()
-        scales_list = [float(s) for s in scales]
+        # one scale per Heun step: the scale of its first evaluation
+        scales_list = [
+            scale for k, scale in enumerate(applied_scales) if k == 0 or step_indices[k] != step_indices[k - 1]
+        ]
+        self._guidance_scales = torch.tensor(scales_list, dtype=torch.float64)
         if not return_dict:
             return trajectories, features, character_out, scales_list
         return DirectorPipelineOutput(

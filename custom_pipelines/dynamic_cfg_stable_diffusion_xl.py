@@ -31,9 +31,12 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from diffusers.utils import deprecate, is_torch_xla_available
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from storydiff.pipeline_checks import check_generator, check_guidance_scales, check_latents
+from storydiff.pipeline_mixins import SavedPipelineClassMixin
 from storydiff.schedulers.guidance_schedule import (
     GuidanceSchedule,
     GuidanceScheduleLike,
+    StepGuidance,
     conditional_half,
     schedule_step_indices,
 )
@@ -46,7 +49,7 @@ else:
     XLA_AVAILABLE = False
 
 
-class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
+class DynamicCFGStableDiffusionXLPipeline(SavedPipelineClassMixin, StableDiffusionXLPipeline):
     r"""[`StableDiffusionXLPipeline`] with a per-step classifier-free guidance weight schedule.
 
     The only new `__call__` argument is `guidance_schedule` (a kind name such as `"linear"` or `"cosine"`, a
@@ -188,6 +191,7 @@ class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         )
         # Parse the schedule before any work: an unknown kind or a bad parameter fails here.
         guidance_schedule = GuidanceSchedule.from_any(guidance_schedule)
+        check_latents(latents)
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -203,6 +207,8 @@ class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
             batch_size = len(prompt)
         else:
             batch_size = prompt_embeds.shape[0]
+
+        check_generator(generator, batch_size * num_images_per_prompt)
 
         device = self._execution_device
 
@@ -323,6 +329,7 @@ class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
         # 8.2 Per-step guidance scales g_i over the steps this call runs, and the schedule step of every evaluation
         guidance_scales = self._prepare_guidance_scales(guidance_schedule, guidance_scale, num_inference_steps)
         step_indices = schedule_step_indices(timesteps, num_inference_steps, self.scheduler.order)
+        guidance = StepGuidance(guidance_schedule, guidance_scales, guidance_scale)
 
         # 9. Optionally get Guidance Scale Embedding
         timestep_cond = None
@@ -340,11 +347,9 @@ class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 if self.interrupt:
                     continue
 
-                # The static schedule reads the live `guidance_scale`, so callbacks that change `pipe._guidance_scale`
-                # behave exactly as with the stock pipeline.
-                step_guidance_scale = (
-                    self.guidance_scale if guidance_schedule.is_static else guidance_scales[step_indices[i]].item()
-                )
+                # StepGuidance applies storydiff's one rule for callbacks that change `pipe._guidance_scale`: under the
+                # static schedule their value wins (as with the stock pipeline), under others only <= 1 (guidance off).
+                step_guidance_scale = guidance.scale(step_indices[i])
                 guide_this_step = self.do_classifier_free_guidance and step_guidance_scale != 1
 
                 added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
@@ -404,7 +409,9 @@ class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                     callback_kwargs = {}
                     for k in callback_on_step_end_tensor_inputs:
                         callback_kwargs[k] = locals()[k]
+                    guidance_scale_seen = self._guidance_scale
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    guidance.after_callback(guidance_scale_seen, self._guidance_scale)
 
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
@@ -488,5 +495,6 @@ class DynamicCFGStableDiffusionXLPipeline(StableDiffusionXLPipeline):
                 f"The {guidance_schedule.config.kind!r} guidance schedule asks for scales above 1, but {reason}. "
                 "Pass guidance_scale > 1 to enable CFG, or use the 'static' schedule."
             )
+        check_guidance_scales(guidance_scales, self.unet.dtype)
         self._guidance_scales = guidance_scales
         return guidance_scales

@@ -253,7 +253,14 @@ class GuidanceSchedule(ConfigMixin):
             raise ValueError(
                 f"The {kind!r} schedule needs guidance_scale >= 1 (diffusers' g = 1 + w), got {guidance_scale}."
             )
-        return 1.0 + self._weights(guidance_scale - 1.0, steps)
+        scales = 1.0 + self._weights(guidance_scale - 1.0, steps)
+        if not torch.isfinite(scales).all():
+            # The normalised kinds reach up to 2w (lambda-shape more): a huge finite scale can overflow to inf.
+            raise ValueError(
+                f"guidance_scale={guidance_scale} makes the {kind!r} schedule overflow (a step scale is not finite); "
+                "use a smaller guidance_scale."
+            )
+        return scales
 
     def _weights(self, w: float, steps: int) -> torch.Tensor:
         """Paper weights w_i for the built-in kinds."""
@@ -379,3 +386,54 @@ def schedule_step_indices(timesteps: torch.Tensor, num_inference_steps: int, ord
 def conditional_half(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The conditional half of a CFG batch, which diffusers concatenates as `[unconditional, conditional]`."""
     return None if tensor is None else tensor.chunk(2)[1]
+
+
+class StepGuidance:
+    r"""The guidance scale of every step of one pipeline call, with the one rule, shared by all storydiff pipelines,
+    for a `callback_on_step_end` that changes `pipe._guidance_scale`.
+
+    A pipeline builds one per call and asks `scale(schedule_step)` before each denoiser evaluation. Around a callback it
+    calls `after_callback(seen, now)` with the `pipe._guidance_scale` the callback was shown and the value it left.
+    The rule:
+
+    * **static schedule**: every step uses the current guidance scale, which starts as the call's `guidance_scale`;
+      a callback's new value wins from the next step on, exactly as in the stock diffusers pipelines.
+    * **any other schedule**: every step uses the schedule's `g_i`; other values a callback sets are not applied,
+      because the schedule decides each step's scale (to drive the scale from a callback, use the static schedule).
+    * in both cases a callback that sets `pipe._guidance_scale <= 1` switches guidance off from the next step on (what
+      diffusers' CFG cut-off callbacks do): those steps use `g = 1`, the conditional prediction alone, and skip the
+      unconditional pass. A later callback may switch it back on with a value above 1.
+
+    Args:
+        schedule ([`GuidanceSchedule`]): the call's schedule.
+        scales (`torch.Tensor`): its per-step scales, `schedule.scales(guidance_scale, num_inference_steps)`.
+        guidance_scale (`float`): the call's `guidance_scale`.
+    """
+
+    def __init__(self, schedule: GuidanceSchedule, scales: torch.Tensor, guidance_scale: float):
+        self.schedule = schedule
+        self.scales = scales
+        self.guidance_scale = float(guidance_scale)  # the static schedule's scale, as callbacks last set it
+        self.switched_off = False  # a callback set `pipe._guidance_scale <= 1`
+
+    def scale(self, schedule_step: int) -> float:
+        """The scale `g` to apply at schedule step `schedule_step` (0 = noisiest)."""
+        if self.switched_off:
+            return 1.0
+        if self.schedule.is_static:
+            return self.guidance_scale
+        return float(self.scales[schedule_step])
+
+    def after_callback(self, seen, now) -> None:
+        """Apply the rule to a callback that was shown `pipe._guidance_scale == seen` and left it at `now`."""
+        if isinstance(now, torch.Tensor) and now.numel() == 1:
+            now = now.item()
+        if now == seen:
+            return
+        if isinstance(now, bool) or not isinstance(now, numbers.Real) or not math.isfinite(now):
+            raise ValueError(
+                f"A callback set `pipe._guidance_scale` to {now!r}; it must be a finite number (a value <= 1 switches "
+                "guidance off)."
+            )
+        self.guidance_scale = float(now)
+        self.switched_off = now <= 1

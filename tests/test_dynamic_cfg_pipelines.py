@@ -337,14 +337,21 @@ def test_save_and_load_round_trip(flavour, tmp_path):
     _, dynamic = make_pipes(flavour, tmp_path)
     dynamic.save_pretrained(tmp_path / "saved")
     model_index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert model_index["_class_name"] == flavour.dynamic_class.__name__
+    # diffusers' format for a class defined outside diffusers: [module file in the folder, class name]
+    assert model_index["_class_name"] == ["storydiff_pipeline", flavour.dynamic_class.__name__]
     loaded = flavour.dynamic_class.from_pretrained(tmp_path / "saved", local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is flavour.dynamic_class
     assert np.array_equal(run(loaded, guidance_schedule="cosine"), run(dynamic, guidance_schedule="cosine"))
-    # the saved folder is a plain Stable Diffusion folder: the stock class loads it too
-    stock = flavour.stock_class.from_pretrained(tmp_path / "saved", local_files_only=True)
+    # the folder names its class, so the stock class needs diffusers' consent flag and gets the storydiff subclass;
+    # `from_pipe` turns it into the stock class
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        flavour.stock_class.from_pretrained(tmp_path / "saved", local_files_only=True)
+    named = flavour.stock_class.from_pretrained(tmp_path / "saved", local_files_only=True, trust_remote_code=True)
+    assert type(named) is flavour.dynamic_class
+    stock = flavour.stock_class.from_pipe(named)
     stock.set_progress_bar_config(disable=True)
+    assert type(stock) is flavour.stock_class
     assert np.array_equal(run(stock), run(dynamic))
 
 
