@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, FeedForward
+from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -92,6 +93,7 @@ class CLaTrVAEEncoder(nn.Module):
         self.distribution_tokens = nn.Parameter(torch.randn(2, dim))
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(CLaTrEncoderLayer(dim, num_heads, ff_size, dropout) for _ in range(num_layers))
+        self.gradient_checkpointing = False  # switched by `CLaTrModel.enable_gradient_checkpointing()`
 
     def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, length, _ = inputs.shape
@@ -105,7 +107,10 @@ class CLaTrVAEEncoder(nn.Module):
         token_mask = torch.ones(batch_size, 2, dtype=torch.bool, device=mask.device)
         attention_bias = _key_padding_bias(torch.cat([token_mask, mask], dim=1), hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_bias)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(layer, hidden_states, attention_bias)
+            else:
+                hidden_states = layer(hidden_states, attention_bias)
         return hidden_states[:, 0], hidden_states[:, 1]
 
 
@@ -117,6 +122,7 @@ class CLaTrTrajectoryDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(CLaTrDecoderLayer(dim, num_heads, ff_size, dropout) for _ in range(num_layers))
         self.output_projection = nn.Linear(dim, output_dim)
+        self.gradient_checkpointing = False  # switched by `CLaTrModel.enable_gradient_checkpointing()`
 
     def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch_size, num_frames = mask.shape
@@ -125,11 +131,14 @@ class CLaTrTrajectoryDecoder(nn.Module):
         attention_bias = _key_padding_bias(mask, hidden_states.dtype)
         memory = latent[:, None]
         for layer in self.layers:
-            hidden_states = layer(hidden_states, memory, attention_bias)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(layer, hidden_states, memory, attention_bias)
+            else:
+                hidden_states = layer(hidden_states, memory, attention_bias)
         return self.output_projection(hidden_states) * mask[..., None].to(hidden_states.dtype)
 
 
-class CLaTrModel(ModelMixin, ConfigMixin):
+class CLaTrModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     r"""Contrastive Language-Trajectory embedding (CLaTr), TEMOS/TMR-style, as used by DIRECTOR's metrics.
 
     Args:
@@ -146,9 +155,15 @@ class CLaTrModel(ModelMixin, ConfigMixin):
         text_encoder_id: which text encoder produced the token features the model was trained on (a Hub id, or
             "all-MiniLM-L6-v2" for the offline MiniLM), recorded so that evaluation uses the same one. The tokens
             come from `storydiff.text_features.encode_text`.
+
+    Like a stock diffusers transformer it takes attention processors (`attn_processors`, `set_attn_processor`,
+    `set_default_attn_processor`), PEFT LoRA adapters (`add_adapter`, `save_lora_adapter`, `load_lora_adapter`;
+    targets `to_q`, `to_k`, `to_v`, `to_out.0`), `enable_gradient_checkpointing()` and `enable_layerwise_casting`.
     """
 
     config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["CLaTrEncoderLayer", "CLaTrDecoderLayer"]
 
     @register_to_config
     def __init__(
@@ -178,6 +193,10 @@ class CLaTrModel(ModelMixin, ConfigMixin):
         self.trajectory_encoder = CLaTrVAEEncoder(trajectory_dim, **blocks)
         self.text_encoder = CLaTrVAEEncoder(text_embed_dim, **blocks)
         self.trajectory_decoder = CLaTrTrajectoryDecoder(trajectory_dim, **blocks)
+
+    def set_default_attn_processor(self):
+        """Use diffusers' plain (non-SDPA) attention processor everywhere."""
+        self.set_attn_processor(AttnProcessor())
 
     # ----------------------------------------------------------------------------------------------------------------
     # Input checks

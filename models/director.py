@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -81,10 +82,12 @@ class DirectorTimeEmbedding(nn.Module):
         self.time_proj = Timesteps(num_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(num_channels, hidden_size)
 
-    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, c_noise: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`dtype` is the model's compute dtype; it is not read from a weight because under layerwise casting
+        (`enable_layerwise_casting`) weights are stored in another dtype (float8, float16) between calls."""
         features = self.time_proj(c_noise.float() * 1000.0)
         features = (features - features.mean(-1, keepdim=True)) / features.std(-1, keepdim=True)
-        return self.time_embedding(features.to(self.time_embedding.linear_1.weight.dtype))
+        return self.time_embedding(features.to(dtype))
 
 
 class DirectorBlock(nn.Module):
@@ -156,7 +159,7 @@ class DirectorBlock(nn.Module):
         return hidden_states + drop_path(self.ff(self.norm2(hidden_states)), self.stochastic_depth, self.training)
 
 
-class DirectorModel(ModelMixin, ConfigMixin, AttentionMixin):
+class DirectorModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     r"""DIRECTOR's denoiser with EDM preconditioning.
 
     Args:
@@ -183,6 +186,10 @@ class DirectorModel(ModelMixin, ConfigMixin, AttentionMixin):
     Preconditioning (Karras et al. 2022), with `s = sigma` and `sd = sigma_data`:
     `D(x; s) = c_skip x + c_out F(c_in x; c_noise)`, `c_in = 1/sqrt(s^2+sd^2)`, `c_skip = sd^2/(s^2+sd^2)`,
     `c_out = s sd/sqrt(s^2+sd^2)`, `c_noise = ln(s)/4`. `forward` returns `D`; `forward_network` is the raw `F`.
+
+    Like a stock diffusers transformer it takes attention processors, PEFT LoRA adapters (`add_adapter`,
+    `save_lora_adapter`, `load_lora_adapter`; see docs/director/model.md for the target modules),
+    `enable_gradient_checkpointing()` and `enable_layerwise_casting` (fp8 / fp16 storage, fp32 compute).
     """
 
     _supports_gradient_checkpointing = True
@@ -384,7 +391,8 @@ class DirectorModel(ModelMixin, ConfigMixin, AttentionMixin):
         self._check_inputs(scaled_sample, character_features, text_pooled, text_tokens, text_mask, frame_mask)
         config = self.config
         batch, frames, _ = scaled_sample.shape
-        device, dtype = scaled_sample.device, self.proj_in.weight.dtype
+        # `self.dtype` is the compute dtype, also under layerwise casting (a weight's own dtype is then the storage one)
+        device, dtype = scaled_sample.device, self.dtype
         if frame_mask is None:
             frame_mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
         frame_mask = frame_mask.to(device=device, dtype=torch.bool)
@@ -393,7 +401,7 @@ class DirectorModel(ModelMixin, ConfigMixin, AttentionMixin):
         # Padded frames are zeroed so that whatever they hold cannot reach the valid frames (variants A and B read
         # the whole flattened character trajectory).
         hidden_states = self.proj_in(scaled_sample.to(dtype) * valid) + self.positions[:frames].to(dtype)
-        time = self.time_embedding(c_noise.to(device).reshape(-1).expand(batch)).to(dtype)
+        time = self.time_embedding(c_noise.to(device).reshape(-1).expand(batch), dtype)
 
         if character_features is None:
             character_features = torch.zeros(batch, frames, config.character_dim, device=device, dtype=dtype)
