@@ -35,7 +35,6 @@ from storydiff.schedulers.guidance_schedule import (
     GuidanceSchedule,
     GuidanceScheduleLike,
     StepGuidance,
-    schedule_step_indices,
 )
 from storydiff.schedulers.scheduling_edm_heun import EDMHeunScheduler
 from storydiff.text_features import TextFeatures, encode_text, null_text_features, text_embed_dim
@@ -345,7 +344,8 @@ class DirectorPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Diffusio
 
         # ---- Heun sampling with classifier-free guidance
         timesteps = scheduler.timesteps
-        step_indices = schedule_step_indices(timesteps, num_inference_steps, scheduler.order)
+        # Heun's two evaluations of step k (prediction and correction) both use g_k
+        step_indices = [min(i // scheduler.order, num_inference_steps - 1) for i in range(len(timesteps))]
         guidance = StepGuidance(schedule, scales, guidance_scale)
         applied_scales = []
         self._guidance_scale = guidance.scale(0)
