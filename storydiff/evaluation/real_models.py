@@ -88,14 +88,15 @@ def inception_feature_extractor(device: Union[str, torch.device] = "cpu") -> Fea
     Needs `pip install torch-fidelity`; the weights (the TensorFlow FID network ported to PyTorch) download on
     first use. The extractor takes float (N, 3, H, W) images in [0, 1] and resizes them to 299x299 itself.
     """
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except ImportError as error:
-        raise ImportError(
-            "FID's Inception network comes from torch-fidelity: `pip install torch-fidelity`, or pass your own "
-            "`feature_extractor=` to frechet_feature_distance."
-        ) from error
-    network = FeatureExtractorInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
+    from storydiff.optional_imports import require
+
+    inception = require(
+        "torch_fidelity.feature_extractor_inceptionv3",
+        purpose="FID's Inception network",
+        alternative="pass your own `feature_extractor=` to frechet_feature_distance",
+    )
+    network = inception.FeatureExtractorInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    network = network.to(device).eval()
 
     def extract(images: torch.Tensor) -> torch.Tensor:
         # torch-fidelity expects uint8 images, as FID is defined on 8-bit images.
