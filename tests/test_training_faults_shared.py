@@ -277,6 +277,11 @@ def test_card_records_an_accelerate_launch():
     assert launcher_command({}) == ["python"]
     environ = {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DYNAMO_BACKEND": "NO", "WORLD_SIZE": "2"}
     assert launcher_command(environ) == ["accelerate", "launch", "--num_processes", "2", "--mixed_precision", "bf16"]
+    assert launcher_command({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2"}) == [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+    ]
     os.environ.update({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"})
     try:
         command = training_command(["--seed", "1"], script=str(TRAINING / "train_director.py"))

@@ -48,9 +48,11 @@ def training_command(argv: Optional[Sequence[str]] = None, script: Optional[str]
 
 
 def launcher_command(environ=None) -> list:
-    """`["python"]`, or the `accelerate launch` words that reproduce how this process was started."""
+    """`["python"]`, or the `accelerate launch` (or `torchrun`) words that reproduce how this process was started."""
     environ = os.environ if environ is None else environ
     if "ACCELERATE_MIXED_PRECISION" not in environ or "ACCELERATE_DYNAMO_BACKEND" not in environ:
+        if "TORCHELASTIC_RUN_ID" in environ:  # torchrun, which also starts accelerate scripts
+            return ["torchrun", "--nproc_per_node", environ.get("LOCAL_WORLD_SIZE", environ.get("WORLD_SIZE", "1"))]
         return ["python"]
     words = ["accelerate", "launch"]
     if environ.get("ACCELERATE_USE_CPU", "").lower() == "true":

@@ -13,9 +13,11 @@ from PIL import Image, ImageDraw, ImageFont
 from storydiff.atomic_files import atomic_save
 
 
-def labelled_grid(images, rows, columns, title: str = None, min_cell: int = 64, font_size: int = 12) -> np.ndarray:
+def labelled_grid(
+    images, rows, columns, title: str = None, min_cell: int = 64, font_size: int = 12, gap: int = 2
+) -> np.ndarray:
     """A uint8 RGB grid of `images` with `rows` labels on the left, `columns` labels on top, and an optional
-    `title` line above them."""
+    `title` line above them; pictures are `gap` white pixels apart."""
     images = np.asarray(images)
     if len(images) != len(rows) * len(columns):
         raise ValueError(f"{len(images)} images do not fill {len(rows)} rows x {len(columns)} columns.")
@@ -27,7 +29,8 @@ def labelled_grid(images, rows, columns, title: str = None, min_cell: int = 64, 
         images = np.repeat(images, 3, axis=-1)
     zoom = max(1, -(-min_cell // max(images.shape[1:3])))
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
-    cell_h, cell_w = images.shape[1:3]
+    image_h, image_w = images.shape[1:3]
+    cell_h, cell_w = image_h + gap, image_w + gap
 
     font = ImageFont.load_default(font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -46,12 +49,11 @@ def labelled_grid(images, rows, columns, title: str = None, min_cell: int = 64, 
         draw.text((pad, pad), title, fill="black", font=font)
     for c, label in enumerate(columns):
         width = text_size(label)[0]
-        draw.text(
-            (left_w + c * cell_w + (cell_w - width) // 2, top_h - line_h + pad), str(label), fill="black", font=font
-        )
+        x = left_w + c * cell_w + (image_w - width) // 2
+        draw.text((x, top_h - line_h + pad), str(label), fill="black", font=font)
     for r, label in enumerate(rows):
         height = text_size(label)[1]
-        draw.text((pad, top_h + r * cell_h + (cell_h - height) // 2), str(label), fill="black", font=font)
+        draw.text((pad, top_h + r * cell_h + (image_h - height) // 2), str(label), fill="black", font=font)
         for c in range(len(columns)):
             canvas.paste(Image.fromarray(images[r * len(columns) + c]), (left_w + c * cell_w, top_h + r * cell_h))
     return np.asarray(canvas)
