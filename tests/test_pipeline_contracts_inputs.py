@@ -54,7 +54,7 @@ def test_guidance_scale_overflowing_the_model_dtype_is_refused(case_and_pipe):
         case.call(pipe, batch=1, guidance_scale=1e308, guidance_schedule="linear")  # 2w overflows float64
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "lambda-shape", "invlinear", "sine"]  # peaks of 2w and more)
+@pytest.mark.parametrize("kind", ["linear", "cosine", "lambda-shape", "invlinear", "sine"])  # peaks of 2w or more
 def test_schedules_that_overflow_to_inf_are_refused(kind):
     with pytest.raises(ValueError, match="overflow"):
         GuidanceSchedule(kind).scales(1e308, 5)
