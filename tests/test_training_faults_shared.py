@@ -268,7 +268,7 @@ def test_resume_is_exact_or_refused_and_the_card_counts_every_session(tmp_path):
     (checkpoint / "random_states_0.pkl").unlink()
     with pytest.raises(ValueError, match=r"has no random_states_0.pkl"):
         train(out, *resume)
-    (checkpoint / "random_states_0.pkl").write_bytes(b"\x80garbage")
+    (checkpoint / "random_states_0.pkl").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match=r"random_states_0.pkl cannot be read"):
         train(out, *resume)
 

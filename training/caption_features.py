@@ -11,6 +11,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from storydiff.atomic_files import atomic_save
 from storydiff.text_features import TextFeatures, encode_text
 
 
@@ -44,5 +45,6 @@ def cached_caption_features(path: str, captions, load_encoder, max_length: int) 
             return cached
     text_encoder, tokenizer = load_encoder()
     features = caption_features(captions, text_encoder, tokenizer, max_length)
-    save_file({**features, "fingerprint": torch.tensor(fingerprint)}, path)
+    # Atomic: a kill mid-write must not leave a truncated cache that the resumed run then fails to read.
+    atomic_save(path, lambda temporary: save_file({**features, "fingerprint": torch.tensor(fingerprint)}, temporary))
     return features
