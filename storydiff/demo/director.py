@@ -85,21 +85,27 @@ def director_demo(
     )
 
     written, rows = [], []
-    figure = plt.figure(figsize=(4.2 * len(prompts), 4.6))
+    figure = plt.figure(figsize=(4.2 * len(prompts), 4.9))
     for index, (prompt, poses) in enumerate(zip(prompts, out.trajectories)):
         reading = tagger_reading(poses)
         rows.append((prompt, reading))
         ax = figure.add_subplot(1, len(prompts), index + 1, projection="3d")
-        plot_trajectory(poses, character=character, ax=ax, title=f"{prompt}\ntagger: {reading}")
+        plot_trajectory(poses, character=character, ax=ax, title=f"{prompt}\ntagger: {reading}", legend=False)
         ax.title.set_fontsize(7)
         stem = f"director_{index}"
         write_text(output_dir / f"{stem}_camera.txt", to_kitti(poses))
         write_text(output_dir / f"{stem}_blender.py", to_blender_script(poses, character=character))
         written += [output_dir / f"{stem}_camera.txt", output_dir / f"{stem}_blender.py"]
+    # one legend for all plots, in a strip along the bottom: inside the 3D plots it would hide the paths
+    handles, labels = ax.get_legend_handles_labels()
+    legend_rows = 1 if len(prompts) > 1 else 2
+    figure.legend(handles, labels, loc="lower center", ncol=-(-len(labels) // legend_rows), fontsize=8, frameon=False)
+    prompt_count = "one camera prompt" if len(prompts) == 1 else f"{len(prompts)} camera prompts"
+    separator = ": " if len(prompts) > 1 else "\n"  # one plot is too narrow for the title on one line
     figure.suptitle(
-        f"DIRECTOR ({Path(checkpoint).name}): one character walking right, four camera prompts", fontsize=9
+        f"DIRECTOR ({Path(checkpoint).name}){separator}one character walking right, {prompt_count}", fontsize=9
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05 * legend_rows, 1, 0.95))  # the bottom strip: legend; the top: title
     figure_path = output_dir / "director_trajectories.png"
     save_figure(figure, figure_path, dpi=110)
     plt.close(figure)

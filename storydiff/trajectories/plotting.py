@@ -10,6 +10,11 @@ import numpy as np
 
 from .validation import check_poses, check_positions
 
+CAMERA_COLOR, CHARACTER_COLOR, VIEW_COLOR = "tab:blue", "tab:orange", "tab:purple"
+# The vertical axis's label sits outside the 3D box, where the figure edge or a neighbouring plot cuts it: the box is
+# drawn a little smaller so that the label fits in the axes' own area.
+BOX_ZOOM = 0.85
+
 
 def _prepare(poses, character):
     poses = check_poses(poses)
@@ -48,33 +53,60 @@ def _new_axes(ax):
     return figure.add_subplot(projection="3d")
 
 
-def plot_trajectory(poses, character=None, ax=None, title: Optional[str] = None, num_arrows: int = 10):
-    """Plots the camera path, its viewing direction (arrows along camera +z) at `num_arrows` frames, and the
-    character path. Returns the matplotlib 3D axes."""
+def _label_axes(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+        axis.set_major_locator(MaxNLocator(nbins=5))  # matplotlib's default crowds the short 3D axes
+    ax.set_xlabel("x (right)")
+    ax.set_ylabel("z (forward)")
+    ax.set_zlabel("-y (up)")
+    ax.set_box_aspect(None, zoom=BOX_ZOOM)
+
+
+def plot_trajectory(
+    poses,
+    character=None,
+    ax=None,
+    title: Optional[str] = None,
+    num_arrows: int = 10,
+    legend: bool = True,
+):
+    """Plots the camera path with its start and end, its viewing direction (arrows along camera +z) at
+    `num_arrows` frames, and the character path with its start. Returns the matplotlib 3D axes.
+
+    `legend=False` leaves the legend out (every artist is labelled, so `ax.get_legend_handles_labels()` gives the
+    entries for one shared figure legend)."""
     poses, character = _prepare(poses, character)
     ax = _new_axes(ax)
     positions = _to_plot_axes(poses[:, :3, 3])
     forward = _to_plot_axes(poses[:, :3, 2])
-    ax.plot(*positions.T, color="tab:blue", label="camera")
-    ax.scatter(*positions[0], color="tab:green", s=30, label="start")
-    ax.scatter(*positions[-1], color="tab:red", s=30, label="end")
+    ax.plot(*positions.T, color=CAMERA_COLOR, label="camera path")
+    ax.scatter(*positions[0], color="tab:green", s=30, label="camera start")
+    ax.scatter(*positions[-1], color="tab:red", s=30, label="camera end")
     everything = [positions]
     if character is not None:
         character_points = _to_plot_axes(character)
-        ax.plot(*character_points.T, color="tab:orange", label="character")
-        ax.scatter(*character_points[0], color="tab:orange", s=30, marker="s")
+        ax.plot(*character_points.T, color=CHARACTER_COLOR, label="character path")
+        ax.scatter(*character_points[0], color=CHARACTER_COLOR, s=30, marker="s", label="character start")
         everything.append(character_points)
     everything = np.concatenate(everything)
     arrow_length = 0.15 * max(float(np.ptp(everything, axis=0).max()), 1.0)
     frames = np.unique(np.linspace(0, len(poses) - 1, max(num_arrows, 1)).round().astype(int))
-    ax.quiver(*positions[frames].T, *forward[frames].T, length=arrow_length, color="tab:purple", normalize=True)
+    ax.quiver(
+        *positions[frames].T,
+        *forward[frames].T,
+        length=arrow_length,
+        color=VIEW_COLOR,
+        normalize=True,
+        label="view direction",
+    )
     _set_equal_limits(ax, everything)
-    ax.set_xlabel("x (right)")
-    ax.set_ylabel("z (forward)")
-    ax.set_zlabel("-y (up)")
+    _label_axes(ax)
     if title:
         ax.set_title(title)
-    ax.legend(loc="upper left", fontsize="small")
+    if legend:
+        ax.legend(loc="upper left", fontsize="small")
     return ax
 
 
@@ -106,14 +138,23 @@ def animate_trajectory(
     ax = figure.add_subplot(projection="3d")
 
     def draw(frame):
-        ax.cla()
-        ax.plot(*positions.T, color="tab:blue", alpha=0.3)
-        ax.plot(*positions[: frame + 1].T, color="tab:blue")
-        ax.quiver(*positions[frame], *forward[frame], length=arrow_length, color="tab:purple", normalize=True)
+        ax.cla()  # also clears the labels: every frame draws the whole picture
+        ax.plot(*positions.T, color=CAMERA_COLOR, alpha=0.3, label="camera path")
+        ax.plot(*positions[: frame + 1].T, color=CAMERA_COLOR, label="camera so far")
+        ax.quiver(
+            *positions[frame],
+            *forward[frame],
+            length=arrow_length,
+            color=VIEW_COLOR,
+            normalize=True,
+            label="view direction",
+        )
         if character_points is not None:
-            ax.plot(*character_points.T, color="tab:orange", alpha=0.3)
-            ax.scatter(*character_points[frame], color="tab:orange", s=40)
+            ax.plot(*character_points.T, color=CHARACTER_COLOR, alpha=0.3, label="character path")
+            ax.scatter(*character_points[frame], color=CHARACTER_COLOR, s=40, label="character")
         _set_equal_limits(ax, everything)
+        _label_axes(ax)
+        ax.legend(loc="upper left", fontsize="x-small")
         ax.set_title(f"{title + ' - ' if title else ''}frame {frame + 1}/{len(poses)}", fontsize="small")
         return []
 
