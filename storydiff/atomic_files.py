@@ -40,6 +40,7 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes owner-only files; a written file gets the usual mode
         text_options = {"encoding": encoding or "utf-8"} if mode == "w" else {}
         with os.fdopen(descriptor, mode, **text_options) as file:
             yield file
@@ -50,6 +51,12 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str = None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(path: PathLike, save: Callable[[str], None]) -> Path:

@@ -123,17 +123,25 @@ class ResumeSettingsError(ValueError):
 
 def resume_settings(args, accelerator, *, dataset: dict, model_config) -> dict:
     """The settings an exact resume needs unchanged: batch size, accumulation, seed, process count, the data set
-    (`dataset`: a name and `num_examples`, plus anything that identifies it) and the model config (keys starting
-    with `_` are diffusers bookkeeping and left out). JSON-normalised, so that a saved copy compares equal."""
+    (`dataset`: a name and `num_examples`, plus anything that identifies it) and the model config, which may nest
+    several components' configs (keys starting with `_`, at any depth, are diffusers bookkeeping and left out:
+    `_use_default_values` lists keys in set order, which differs between processes). JSON-normalised, so that a saved
+    copy compares equal."""
     settings = {
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "seed": args.seed,
         "num_processes": accelerator.num_processes,
         "dataset": dataset,
-        "model_config": {k: v for k, v in dict(model_config).items() if not k.startswith("_")},
+        "model_config": _without_bookkeeping(dict(model_config)),
     }
     return json.loads(json.dumps(settings, default=str))
+
+
+def _without_bookkeeping(config):
+    if isinstance(config, dict):
+        return {k: _without_bookkeeping(v) for k, v in config.items() if not str(k).startswith("_")}
+    return config
 
 
 def _differences(saved: dict, current: dict, prefix: str = "") -> list:

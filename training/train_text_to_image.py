@@ -18,48 +18,22 @@ exact resume, TensorBoard, validation grids, a model card with measured metrics 
 utilities shared by every storydiff training script.
 """
 
+# ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
-import time
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from storydiff.atomic_files import save_folder_atomically
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
-    create_accelerator,
-)
-from storydiff.training.checkpointing import (
-    SeededEpochSampler,
-    TrainingPosition,
-    epoch_batches,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
-from storydiff.training.hub import push_folder_to_hub
-from storydiff.training.model_card import training_command, write_model_card
-from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.training.text_image_data import (
-    BUILT_IN_DATASETS,
-    DIGITS_WORLD,
-    ImageCaptionDataset,
-    collate_image_captions,
-    digits_world_training_data,
+    check_path_or_hub_id,
+    training_argument_parser,
 )
 
+DIGITS_WORLD = "digits_world"
+BUILT_IN_DATASETS = (DIGITS_WORLD,)
 SD_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_DIGITS_VALIDATION_PROMPTS = (
@@ -71,9 +45,7 @@ DEFAULT_DIGITS_VALIDATION_PROMPTS = (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = training_argument_parser(__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default=None, choices=BUILT_IN_DATASETS, help="Built-in dataset.")
     data.add_argument("--train_data_dir", type=str, default=None, help="Image folder with metadata.jsonl captions.")
@@ -151,6 +123,8 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--resolution must be >= 8, got {args.resolution}.")
     args.unet_block_out_channels = _int_list("--unet_block_out_channels", args.unet_block_out_channels)
     args.evaluation_guidance_scales = [float(g) for g in _float_list(args.evaluation_guidance_scales)]
+    check_path_or_hub_id("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    check_path_or_hub_id("--vae", args.vae)
     if args.vae is not None:
         args.train_text_encoder = True  # a new text encoder is random: it must learn
 
@@ -174,6 +148,44 @@ def _float_list(text: str) -> list:
         raise ValueError(f"--evaluation_guidance_scales must be finite and >= 1 (diffusers' g), got {text!r}.")
     return values
 
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+
+import json
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from storydiff.atomic_files import save_folder_atomically
+from storydiff.training.arguments import create_accelerator
+from storydiff.training.checkpointing import (
+    SeededEpochSampler,
+    TrainingPosition,
+    epoch_batches,
+    find_checkpoint,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.hub import push_folder_to_hub
+from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
+from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.sample_grids import labelled_grid, save_grid
+from storydiff.training.text_image_data import (
+    ImageCaptionDataset,
+    collate_image_captions,
+    digits_world_training_data,
+)
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -324,24 +336,21 @@ def generate(pipeline, prompts: Sequence[str], guidance_scale: float, num_infere
     return np.concatenate(images)
 
 
-def validation_grid(pipeline, args, prompts: Sequence[str]) -> np.ndarray:
-    """Rows: prompts, columns: seeds; uint8 HWC, enlarged so small images read."""
+def validation_grid(pipeline, args, prompts: Sequence[str], step: int) -> np.ndarray:
+    """Rows: prompts, columns: seeds; a labelled uint8 grid."""
     repeated = [prompt for prompt in prompts for _ in range(args.num_validation_images)]
     images = generate(pipeline, repeated, args.validation_guidance_scale, args.validation_inference_steps, args.seed)
-    columns = args.num_validation_images
-    rows = [np.concatenate(list(images[r * columns : (r + 1) * columns]), axis=1) for r in range(len(prompts))]
-    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    zoom = max(1, 96 // args.resolution)
-    return grid.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    return labelled_grid(
+        images,
+        rows=list(prompts),
+        columns=[f"sample {i + 1}" for i in range(args.num_validation_images)],
+        title=f"step {step}, guidance {args.validation_guidance_scale:g}, {args.validation_inference_steps} DDIM steps",
+        min_cell=96,
+    )
 
 
-def log_validation(accelerator, pipeline, args, prompts, step: int, folder: str) -> str:
-    from PIL import Image
-
-    grid = validation_grid(pipeline, args, prompts)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step_{step:06d}.png")
-    Image.fromarray(grid).save(path)
+def log_validation(accelerator, grid: np.ndarray, path: str, step: int) -> str:
+    save_grid(grid, path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", grid, step, dataformats="HWC")
@@ -369,10 +378,14 @@ def evaluate_digits_world(pipeline, args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Train; returns the output folder."""
+    """Train; returns the output folder. Ctrl-C exits with status 130 and one line on how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    started = time.time()
+    with resume_hint_on_interrupt(args.output_dir):
+        return train(args, argv)
+
+
+def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     accelerator = create_accelerator(args, project_name="train_text_to_image")
     set_seed(args.seed)
 
@@ -397,6 +410,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                             num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
     optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(trainable, args, accelerator, max_train_steps)
+    settings = resume_settings(
+        args,
+        accelerator,
+        dataset={"name": dataset_id or args.train_data_dir, "num_examples": len(dataset)},
+        model_config={
+            "unet": unet.config,
+            "text_encoder": text_encoder.config.to_dict(),
+            "vae": vae.config,
+            "lora_rank": args.lora_rank,
+            "train_text_encoder": args.train_text_encoder,
+        },  # fmt: skip
+    )
     denoiser, optimizer, dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, dataloader, lr_scheduler)
     vae.to(accelerator.device)
     ema = create_ema(unet, args.ema_decay, args.ema_power) if args.use_ema and args.lora_rank is None else None
@@ -406,15 +431,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        position = load_checkpoint(accelerator, checkpoint)
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
     elif args.resume_from_checkpoint is not None:
         accelerator.print("No checkpoint to resume from yet; starting a new run.")
 
-    prompts = args.validation_prompts or (DEFAULT_DIGITS_VALIDATION_PROMPTS if args.dataset == DIGITS_WORLD else [])
+    prompts = args.validation_prompts  # none given: the digits world's defaults; an empty list: no validation
+    if prompts is None:
+        prompts = list(DEFAULT_DIGITS_VALIDATION_PROMPTS) if args.dataset == DIGITS_WORLD else []
     example_log = open(args.debug_example_log, "a") if args.debug_example_log and accelerator.is_main_process else None
     progress = tqdm(total=max_train_steps, initial=position.global_step, desc="Training steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    recent_losses = []
     scaling_factor = vae.config.scaling_factor
     for epoch, batches in epoch_batches(dataloader, position, num_epochs):
         if position.global_step >= max_train_steps:
@@ -444,9 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
             with accelerator.accumulate(denoiser):
                 prediction = denoiser(noisy, timesteps, input_ids)
-                loss = F.mse_loss(prediction.float(), target.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"The loss is {loss.item()} at step {position.global_step}.")
+                loss = debug_nan_loss(F.mse_loss(prediction.float(), target.float()), args, position.global_step)
+                step_loss = check_finite_loss(accelerator, loss, position.global_step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -459,19 +484,20 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(denoiser).unet.parameters())
             position.global_step += 1
-            step_loss = accelerator.gather(loss.detach()).mean().item()
-            recent_losses = (recent_losses + [step_loss])[-100:]
+            position.record_loss(step_loss)
             accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=position.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
 
             if position.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
             if prompts and position.global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 model = accelerator.unwrap_model(denoiser)
                 with ema_weights(ema, model.unet):
-                    log_validation(accelerator, make_pipeline(components, model.unet, model.text_encoder), args,
-                                   prompts, position.global_step, os.path.join(args.output_dir, "validation"))  # fmt: skip
+                    pipeline = make_pipeline(components, model.unet, model.text_encoder)
+                    grid = validation_grid(pipeline, args, prompts, position.global_step)
+                path = os.path.join(args.output_dir, "validation", f"step_{position.global_step:06d}.png")
+                log_validation(accelerator, grid, path, position.global_step)
                 denoiser.train()
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)
@@ -488,14 +514,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             pipeline = make_pipeline(components, model.unet, model.text_encoder)
             metrics = {
                 "train_steps": position.global_step,
-                "final_train_loss_mean_last_100_steps": float(np.mean(recent_losses)) if recent_losses else None,
+                **recent_loss_metric(position.recent_losses),
                 "train_examples": len(dataset),
                 "trainable_parameters": sum(p.numel() for p in trainable),
             }
+            metrics.update(vae_metrics(args.vae))
             if args.dataset == DIGITS_WORLD and args.lora_rank is None and args.evaluation_guidance_scales:
                 metrics.update(evaluate_digits_world(pipeline, args))
-            metrics["train_wall_time_s"] = round(time.time() - started, 1)
-            save_output(accelerator, args, argv, pipeline, model, prompts, metrics, dataset_id)
+            metrics["train_wall_time_s"] = round(position.total_wall_time_s(), 1)
+            grid = validation_grid(pipeline, args, prompts, position.global_step) if prompts else None
+            save_output(args, argv, pipeline, model, grid, metrics, dataset_id)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
@@ -505,7 +533,19 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return args.output_dir
 
 
-def save_output(accelerator, args, argv, pipeline, model, prompts, metrics, dataset_id) -> None:
+def vae_metrics(vae_folder: Optional[str]) -> dict:
+    """The held-out reconstruction figures a VAE trained by train_vae.py recorded, prefixed with `vae_`."""
+    path = os.path.join(vae_folder or "", "train_metrics.json")
+    if vae_folder is None or not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        recorded = json.load(file)
+    return {
+        f"vae_{name}": recorded[name] for name in ("heldout_reconstruction_mse", "heldout_psnr_db") if name in recorded
+    }
+
+
+def save_output(args, argv, pipeline, model, grid, metrics, dataset_id) -> None:
     """The pipeline (or the LoRA weights), samples, metrics and model card, replacing the old output atomically."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -516,6 +556,9 @@ def save_output(accelerator, args, argv, pipeline, model, prompts, metrics, data
     def write(folder: str) -> None:
         if args.lora_rank is None:
             pipeline.save_pretrained(folder, safe_serialization=True)
+            vae_card = os.path.join(args.vae or "", "README.md")
+            if args.vae is not None and os.path.isfile(vae_card):  # the VAE's own card: its command and error
+                shutil.copyfile(vae_card, os.path.join(folder, "vae", "README.md"))
         else:
             text_encoder_layers = None
             if args.train_text_encoder:
@@ -527,9 +570,8 @@ def save_output(accelerator, args, argv, pipeline, model, prompts, metrics, data
                 safe_serialization=True,
             )
         images = []
-        if prompts:
-            grid = log_validation(accelerator, pipeline, args, prompts, metrics["train_steps"], folder)
-            os.replace(grid, os.path.join(folder, sample_name))
+        if grid is not None:
+            save_grid(grid, os.path.join(folder, sample_name))
             images = [sample_name]
         with open(os.path.join(folder, "train_metrics.json"), "w") as file:
             json.dump(metrics, file, indent=2)

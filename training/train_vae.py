@@ -11,54 +11,26 @@ config, so diffusion models trained on `latents * scaling_factor` see unit varia
 diffusers `AutoencoderKL` with a model card that reports the held-out reconstruction error.
 """
 
+# ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
 import argparse
-import json
 import math
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
-import torch
-import torch.nn.functional as F
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from storydiff.atomic_files import save_folder_atomically
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
-    create_accelerator,
+    training_argument_parser,
 )
-from storydiff.training.checkpointing import (
-    SeededEpochSampler,
-    TrainingPosition,
-    epoch_batches,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
-from storydiff.training.hub import push_folder_to_hub
-from storydiff.training.model_card import training_command, write_model_card
-from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.training.text_image_data import (
-    BUILT_IN_DATASETS,
-    DIGITS_WORLD,
-    ImageCaptionDataset,
-    collate_image_captions,
-    digits_world_training_data,
-)
-from storydiff.training.text_to_image_components import new_vae
 
+DIGITS_WORLD = "digits_world"
+BUILT_IN_DATASETS = (DIGITS_WORLD,)
 EVALUATION_EXAMPLES = 256
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = training_argument_parser(__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", type=str, default=None, choices=BUILT_IN_DATASETS, help="Built-in dataset.")
     data.add_argument("--train_data_dir", type=str, default=None, help="Image folder.")
@@ -97,6 +69,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.resolution < 8 or args.resolution % downsampling:
         raise ValueError(f"--resolution {args.resolution} must be >= 8 and divisible by {downsampling}.")
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from storydiff.atomic_files import save_folder_atomically
+from storydiff.training.arguments import create_accelerator
+from storydiff.training.checkpointing import (
+    SeededEpochSampler,
+    TrainingPosition,
+    epoch_batches,
+    find_checkpoint,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
+from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
+from storydiff.training.hub import push_folder_to_hub
+from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
+from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.text_image_data import ImageCaptionDataset, collate_image_captions, digits_world_training_data
+from storydiff.training.text_to_image_components import new_vae
 
 
 def load_training_data(args) -> tuple:
@@ -160,9 +164,14 @@ def latent_scaling_factor(vae, images: torch.Tensor) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
+    """Train; returns the output folder. Ctrl-C exits with status 130 and one line on how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    started = time.time()
+    with resume_hint_on_interrupt(args.output_dir):
+        return train(args, argv)
+
+
+def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     accelerator = create_accelerator(args, project_name="train_vae")
     set_seed(args.seed)
 
@@ -175,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     objective = VAEObjective(vae, args.kl_weight)
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
     optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(vae.parameters(), args, accelerator, max_train_steps)
+    settings = resume_settings(args, accelerator, dataset={"name": dataset_id or args.train_data_dir,
+                               "num_examples": len(dataset)}, model_config={**vae.config, "kl_weight": args.kl_weight})  # fmt: skip
     objective, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         objective, optimizer, dataloader, lr_scheduler
     )
@@ -185,11 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")
-        position = load_checkpoint(accelerator, checkpoint)
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
 
     progress = tqdm(total=max_train_steps, initial=position.global_step, desc="VAE training steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    recent_losses = []
     for epoch, batches in epoch_batches(dataloader, position, num_epochs):
         if position.global_step >= max_train_steps:
             break
@@ -198,6 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             position.batches_in_epoch += 1
             with accelerator.accumulate(objective):
                 loss, mse = objective(batch["pixel_values"])
+                loss = debug_nan_loss(loss, args, position.global_step)
+                step_loss = check_finite_loss(accelerator, loss, position.global_step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
@@ -209,15 +221,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(objective).vae.parameters())
             position.global_step += 1
-            step_mse = accelerator.gather(mse.detach()).mean().item()
-            recent_losses = (recent_losses + [step_mse])[-100:]
-            accelerator.log({"loss": loss.item(), "reconstruction_mse": step_mse}, step=position.global_step)
+            position.record_loss(step_loss)
+            accelerator.log({"loss": step_loss, "reconstruction_mse": mse.item()}, step=position.global_step)
             progress.update(1)
-            progress.set_postfix(mse=f"{step_mse:.4f}", epoch=epoch)
+            progress.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
             if position.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
             if args.debug_step_sleep:
-                time.sleep(args.debug_step_sleep)
+                time.sleep(args.debug_step_sleep)  # tests kill the run at a known step
             if position.global_step >= max_train_steps:
                 break
     progress.close()
@@ -230,10 +241,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             model.register_to_config(scaling_factor=latent_scaling_factor(model, train_images))
             metrics = {
                 "train_steps": position.global_step,
-                "final_train_reconstruction_mse_mean_last_100_steps": sum(recent_losses) / max(1, len(recent_losses)),
+                **recent_loss_metric(position.recent_losses),
                 **reconstruction_metrics(model, held_out),
                 "latent_scaling_factor": model.config.scaling_factor,
-                "train_wall_time_s": round(time.time() - started, 1),
+                "train_wall_time_s": round(position.total_wall_time_s(), 1),
                 "parameters": sum(p.numel() for p in model.parameters()),
             }
 
