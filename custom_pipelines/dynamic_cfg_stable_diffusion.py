@@ -30,7 +30,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from diffusers.utils import deprecate, is_torch_xla_available
 
 from storydiff.pipeline_checks import check_generator, check_guidance_scales, check_latents
-from storydiff.pipeline_mixins import SavedPipelineClassMixin
+from storydiff.pipeline_mixins import SavedAsStockPipelineMixin
 from storydiff.schedulers.guidance_schedule import (
     GuidanceSchedule,
     GuidanceScheduleLike,
@@ -47,7 +47,7 @@ else:
     XLA_AVAILABLE = False
 
 
-class DynamicCFGStableDiffusionPipeline(SavedPipelineClassMixin, StableDiffusionPipeline):
+class DynamicCFGStableDiffusionPipeline(SavedAsStockPipelineMixin, StableDiffusionPipeline):
     r"""[`StableDiffusionPipeline`] with a per-step classifier-free guidance weight schedule.
 
     The only new `__call__` argument is `guidance_schedule` (a kind name such as `"linear"` or `"cosine"`, a

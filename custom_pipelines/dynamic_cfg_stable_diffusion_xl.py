@@ -32,7 +32,7 @@ from diffusers.utils import deprecate, is_torch_xla_available
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from storydiff.pipeline_checks import check_generator, check_guidance_scales, check_latents
-from storydiff.pipeline_mixins import SavedPipelineClassMixin
+from storydiff.pipeline_mixins import SavedAsStockPipelineMixin
 from storydiff.schedulers.guidance_schedule import (
     GuidanceSchedule,
     GuidanceScheduleLike,
@@ -49,7 +49,7 @@ else:
     XLA_AVAILABLE = False
 
 
-class DynamicCFGStableDiffusionXLPipeline(SavedPipelineClassMixin, StableDiffusionXLPipeline):
+class DynamicCFGStableDiffusionXLPipeline(SavedAsStockPipelineMixin, StableDiffusionXLPipeline):
     r"""[`StableDiffusionXLPipeline`] with a per-step classifier-free guidance weight schedule.
 
     The only new `__call__` argument is `guidance_schedule` (a kind name such as `"linear"` or `"cosine"`, a

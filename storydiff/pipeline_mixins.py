@@ -81,6 +81,30 @@ class SavedPipelineClassMixin:
         return config
 
 
+class SavedAsStockPipelineMixin:
+    """For storydiff pipelines that extend a stock one and keep its components (the dynamic-CFG SD and SDXL pipelines):
+    `model_index.json` names the stock class (`StableDiffusionPipeline`), so a saved folder is an ordinary diffusers
+    folder that the stock class, plain `DiffusionPipeline.from_pretrained`, other tools and the storydiff class itself
+    (`DynamicCFGStableDiffusionPipeline.from_pretrained(folder)`) all load without `trust_remote_code`."""
+
+    def to_json_string(self) -> str:
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = stock_pipeline_class(type(self)).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def stock_pipeline_class(pipeline_class: type) -> type:
+    """The nearest base class of `pipeline_class` that diffusers itself defines (other than `DiffusionPipeline`)."""
+    for base in pipeline_class.__mro__:
+        if (
+            base.__module__.startswith("diffusers.")
+            and base.__name__ != "DiffusionPipeline"
+            and base.__name__.endswith("Pipeline")
+        ):
+            return base
+    raise TypeError(f"{pipeline_class.__name__} extends no stock diffusers pipeline.")
+
+
 class StepCallbackStateMixin:
     """The attributes diffusers' step callbacks (`diffusers.callbacks.PipelineCallback` and friends) read and set, with
     the meaning they have in the stock pipelines:

@@ -337,22 +337,21 @@ def test_save_and_load_round_trip(flavour, tmp_path):
     _, dynamic = make_pipes(flavour, tmp_path)
     dynamic.save_pretrained(tmp_path / "saved")
     model_index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    # diffusers' format for a class defined outside diffusers: [module file in the folder, class name]
-    assert model_index["_class_name"] == ["storydiff_pipeline", flavour.dynamic_class.__name__]
+    # a stock folder: the storydiff class extends the stock one and keeps its components
+    assert model_index["_class_name"] == flavour.stock_class.__name__
+    assert not (tmp_path / "saved" / "storydiff_pipeline.py").exists()
     loaded = flavour.dynamic_class.from_pretrained(tmp_path / "saved", local_files_only=True)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is flavour.dynamic_class
     assert np.array_equal(run(loaded, guidance_schedule="cosine"), run(dynamic, guidance_schedule="cosine"))
-    # the folder names its class, so the stock class needs diffusers' consent flag and gets the storydiff subclass;
-    # `from_pipe` turns it into the stock class
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        flavour.stock_class.from_pretrained(tmp_path / "saved", local_files_only=True)
-    named = flavour.stock_class.from_pretrained(tmp_path / "saved", local_files_only=True, trust_remote_code=True)
-    assert type(named) is flavour.dynamic_class
-    stock = flavour.stock_class.from_pipe(named)
-    stock.set_progress_bar_config(disable=True)
-    assert type(stock) is flavour.stock_class
-    assert np.array_equal(run(stock), run(dynamic))
+    # the stock class and plain DiffusionPipeline load it as it is, without trust_remote_code
+    for stock in (
+        flavour.stock_class.from_pretrained(tmp_path / "saved", local_files_only=True),
+        DiffusionPipeline.from_pretrained(tmp_path / "saved", local_files_only=True),
+    ):
+        stock.set_progress_bar_config(disable=True)
+        assert type(stock) is flavour.stock_class
+        assert np.array_equal(run(stock), run(dynamic))
 
 
 def test_lora_adapters_save_and_load(tmp_path):

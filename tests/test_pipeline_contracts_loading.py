@@ -1,5 +1,6 @@
 """Saved storydiff pipelines load through every diffusers entry point: the class itself, plain
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` and `custom_pipeline=`; the shipped checkpoints too.
+The dynamic-CFG SD / SDXL pipelines save stock folders, which plain loading reads as the stock class.
 """
 
 import json
@@ -8,11 +9,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
-from pipeline_contracts_fixtures import PIPELINE_CASES
+from pipeline_contracts_fixtures import PIPELINE_CASES, STEPS, _tensor
 
 from storydiff import ClassConditionalPipeline, DirectorPipeline, custom_pipeline_path
 from storydiff.checkpoints import checkpoint_path
-from storydiff.pipeline_mixins import CLASS_MODULE_NAME
+from storydiff.pipeline_mixins import CLASS_MODULE_NAME, stock_pipeline_class
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,28 +31,41 @@ def test_saved_folder_loads_through_every_entry_point(name, tmp_path):
     folder = tmp_path / "saved"
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == [CLASS_MODULE_NAME, case.pipeline_class.__name__]
-    assert f"from storydiff import {case.pipeline_class.__name__}" in (folder / f"{CLASS_MODULE_NAME}.py").read_text()
     expected = case.call(pipe, batch=1, guidance_scale=3.0)
-
-    loaders = {
-        "class": lambda: case.pipeline_class.from_pretrained(folder),
-        "plain": lambda: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True),
-        "custom_pipeline": lambda: DiffusionPipeline.from_pretrained(
-            folder, custom_pipeline=custom_pipeline_path(case.file_name), trust_remote_code=True
-        ),
-    }
+    if case.name in ("sd", "sdxl"):
+        # extends a stock pipeline with the same components: the folder is a stock folder that every loader reads
+        # without trust_remote_code, the stock class for plain DiffusionPipeline (static CFG is the same there)
+        assert index["_class_name"] == stock_pipeline_class(case.pipeline_class).__name__
+        loaded = DiffusionPipeline.from_pretrained(folder)
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded) is stock_pipeline_class(case.pipeline_class)
+        torch.testing.assert_close(_tensor(case.samples_of(loaded(**{"num_inference_steps": STEPS, **case.arguments(1),
+                                   "guidance_scale": 3.0, "generator": torch.Generator().manual_seed(0)}))),
+                                   expected)  # fmt: skip
+        loaders = {"class": lambda: case.pipeline_class.from_pretrained(folder)}
+    else:
+        assert index["_class_name"] == [CLASS_MODULE_NAME, case.pipeline_class.__name__]
+        module_text = (folder / f"{CLASS_MODULE_NAME}.py").read_text()
+        assert f"from storydiff import {case.pipeline_class.__name__}" in module_text
+        loaders = {
+            "class": lambda: case.pipeline_class.from_pretrained(folder),
+            "plain": lambda: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True),
+        }
+        # without diffusers' consent flag, plain loading says which argument to add (not "module diffusers has no
+        # attribute ...")
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            DiffusionPipeline.from_pretrained(folder)
+    loaders["custom_pipeline"] = lambda: DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline=custom_pipeline_path(case.file_name), trust_remote_code=True
+    )
     for how, load in loaders.items():
         loaded = load()
         loaded.set_progress_bar_config(disable=True)
-        # the storydiff class itself, not a copy of its file
-        assert type(loaded) is case.pipeline_class, how
+        if how == "custom_pipeline" and case.name in ("sd", "sdxl"):  # diffusers imports the file itself
+            assert type(loaded).__name__ == case.pipeline_class.__name__
+        else:  # the storydiff class itself, not a copy of its file
+            assert type(loaded) is case.pipeline_class, how
         torch.testing.assert_close(case.call(loaded, batch=1, guidance_scale=3.0), expected, rtol=1e-5, atol=1e-5)
-
-    # without diffusers' consent flag, plain loading says which argument to add (not "module diffusers has no
-    # attribute ...")
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
-        DiffusionPipeline.from_pretrained(folder)
 
 
 def save_in_the_earlier_format(pipe, folder):

@@ -42,6 +42,9 @@ DEMO_SECTIONS: list[DemoSection] = [
         "Dynamic classifier-free guidance on digits", "dynamic_cfg", "storydiff.demo.dynamic_cfg:dynamic_cfg_demo"
     ),
     DemoSection("DIRECTOR camera trajectories", "director", "storydiff.demo.director:director_demo"),
+    DemoSection(
+        "Text-to-image on the digits world", "text_to_image", "storydiff.demo.text_to_image:text_to_image_demo"
+    ),
 ]
 
 DEMO_CPU_THREADS = 1
