@@ -2,6 +2,7 @@
 the result, stock-diffusers loading, bad input and kill-and-resume."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,11 @@ def test_a_folder_that_is_not_stable_diffusion_shaped_is_refused(tmp_path, tiny_
         train_text_to_image([*argv, "--pretrained_model_name_or_path", str(not_sd), "--vae", str(tiny_vae_folder)])
     with pytest.raises(ValueError, match="a model from scratch \\(--vae\\) trains in full"):
         train_text_to_image([*argv, "--vae", str(tiny_vae_folder), "--lora_rank", "4"])
+
+
+def test_tensorboard_logging_without_tensorboard_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    argv = ["--dataset", "digits_world", "--num_world_samples", "16", "--resolution", "24", "--max_train_steps", "1",
+            "--output_dir", str(tmp_path / "vae"), "--report_to", "tensorboard"]  # fmt: skip
+    with pytest.raises(ImportError, match=r"--report_to tensorboard.*storydiff\[train\].*--report_to none"):
+        train_vae(argv)

@@ -161,6 +161,10 @@ def create_accelerator(args: argparse.Namespace, project_name: str):
         torch.set_num_threads(args.torch_num_threads)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to
+    if report_to == "tensorboard":  # accelerate would drop the logs silently without it
+        from storydiff.optional_imports import require
+
+        require("tensorboard", purpose="--report_to tensorboard (the default)", alternative="--report_to none")
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
