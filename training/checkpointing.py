@@ -122,7 +122,8 @@ class ResumeSettingsError(ValueError):
 
 
 def resume_settings(args, accelerator, *, dataset: dict, model_config) -> dict:
-    """The settings an exact resume needs unchanged: batch size, accumulation, seed, process count, the data set
+    """The settings an exact resume needs unchanged: batch size, accumulation, seed, process count, the learning-rate
+    schedule (rate, kind, warm-up), the data set
     (`dataset`: a name and `num_examples`, plus anything that identifies it) and the model config, which may nest
     several components' configs (keys starting with `_`, at any depth, are diffusers bookkeeping and left out:
     `_use_default_values` lists keys in set order, which differs between processes). JSON-normalised, so that a saved
@@ -132,6 +133,12 @@ def resume_settings(args, accelerator, *, dataset: dict, model_config) -> dict:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "seed": args.seed,
         "num_processes": accelerator.num_processes,
+        # the learning-rate schedule is built from these: another value would change every step after the resume.
+        # The run length is left out on purpose: resuming with a larger --max_train_steps is how a run is extended
+        # (the schedule then stretches from the resume point on, which the docs say).
+        "learning_rate": getattr(args, "learning_rate", None),
+        "lr_scheduler": getattr(args, "lr_scheduler", None),
+        "lr_warmup_steps": getattr(args, "lr_warmup_steps", None),
         "dataset": dataset,
         "model_config": _without_bookkeeping(dict(model_config)),
     }
