@@ -1,9 +1,10 @@
 """storydiff: diffusers components for story-level generation.
 
-Every component class (pipeline, model, scheduler) is importable from here, because a saved pipeline's
-`model_index.json` records `["storydiff", "ClassName"]` and diffusers resolves it with
-`getattr(importlib.import_module("storydiff"), "ClassName")`. Imports are lazy so that `import storydiff`
-stays cheap and a command line tool does not pay for torch modules it never uses.
+Every component class (pipeline, model, scheduler) is importable from here. A saved pipeline's `model_index.json`
+records a storydiff component by its defining module (`["storydiff.models.director", "DirectorModel"]`) and a
+storydiff pipeline class as `["storydiff_pipeline", "ClassName"]`, a one-line module saved beside it that imports the
+class from here (storydiff.pipeline_mixins). Imports are lazy so that `import storydiff` stays cheap and a command
+line tool does not pay for torch modules it never uses.
 """
 
 import importlib
