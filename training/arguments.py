@@ -132,6 +132,19 @@ def check_common_training_arguments(args: argparse.Namespace) -> None:
 _HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
+def int_list(flag: str, text: str, minimum: int = None) -> list:
+    """Parse a comma-separated list of integers given to `flag` ("32,64,64"), with errors that name the flag."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}.") from None
+    if not values:
+        raise ValueError(f"{flag} is empty.")
+    if minimum is not None and min(values) < minimum:
+        raise ValueError(f"{flag} must list integers >= {minimum}, got {text!r}.")
+    return values
+
+
 def check_path_or_hub_id(flag: str, value) -> None:
     """For flags that take "a local folder or a Hub id": a value that looks like a path (it starts with `/`, `.`,
     `~`, or has more than one `/`) must exist; anything else must be a valid Hub id. None passes (the default)."""

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
+    int_list,
     training_argument_parser,
 )
 
@@ -67,8 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if args.validation_steps < 1 or args.num_validation_images_per_class < 1:
         raise ValueError("--validation_steps and --num_validation_images_per_class must be >= 1.")
-    args.block_out_channels = _int_list("--block_out_channels", args.block_out_channels)
-    args.attention_levels = _int_list("--attention_levels", args.attention_levels) if args.attention_levels else []
+    args.block_out_channels = int_list("--block_out_channels", args.block_out_channels, minimum=1)
+    args.attention_levels = int_list("--attention_levels", args.attention_levels) if args.attention_levels else []
     for level in args.attention_levels:
         if not 0 <= level < len(args.block_out_channels):
             raise ValueError(f"--attention_levels has {level}; levels are 0..{len(args.block_out_channels) - 1}.")
@@ -78,16 +79,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             f"{len(args.block_out_channels)} UNet levels."
         )
     return args
-
-
-def _int_list(flag: str, text: str) -> list:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}.") from None
-    if not values:
-        raise ValueError(f"{flag} is empty.")
-    return values
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
     check_path_or_hub_id,
+    int_list,
     training_argument_parser,
 )
 
@@ -121,22 +122,12 @@ def check_text_to_image_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.resolution < 8:
         raise ValueError(f"--resolution must be >= 8, got {args.resolution}.")
-    args.unet_block_out_channels = _int_list("--unet_block_out_channels", args.unet_block_out_channels)
+    args.unet_block_out_channels = int_list("--unet_block_out_channels", args.unet_block_out_channels, minimum=1)
     args.evaluation_guidance_scales = [float(g) for g in _float_list(args.evaluation_guidance_scales)]
     check_path_or_hub_id("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
     check_path_or_hub_id("--vae", args.vae)
     if args.vae is not None:
         args.train_text_encoder = True  # a new text encoder is random: it must learn
-
-
-def _int_list(flag: str, text: str) -> list:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}.") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} must list positive integers, got {text!r}.")
-    return values
 
 
 def _float_list(text: str) -> list:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
+    int_list,
     training_argument_parser,
 )
 
@@ -59,12 +60,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ValueError("Give exactly one data source: --dataset digits_world, --train_data_dir or --dataset_name.")
     if not math.isfinite(args.kl_weight) or args.kl_weight < 0:
         raise ValueError(f"--kl_weight must be a finite number >= 0, got {args.kl_weight}.")
-    try:
-        args.block_out_channels = [int(part) for part in args.block_out_channels.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--block_out_channels must be comma-separated integers, got {args.block_out_channels!r}."
-        ) from None
+    args.block_out_channels = int_list("--block_out_channels", args.block_out_channels, minimum=1)
     downsampling = 2 ** (len(args.block_out_channels) - 1)
     if args.resolution < 8 or args.resolution % downsampling:
         raise ValueError(f"--resolution {args.resolution} must be >= 8 and divisible by {downsampling}.")

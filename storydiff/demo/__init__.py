@@ -88,6 +88,49 @@ def save_figure(figure, path: Union[str, Path], **savefig_kwargs) -> Path:
     return atomic_save(path, lambda temporary: figure.savefig(temporary, **savefig_kwargs))
 
 
+def save_comparison_grid(
+    path: Union[str, Path],
+    rows: dict,
+    column_titles: Sequence[str],
+    title: str,
+    cell_inches: float = 0.9,
+    title_wrap: int = 16,
+) -> Path:
+    """A labelled image grid: `rows` maps a row label (e.g. a schedule and its scores) to images (N, H, W, C) in
+    [0, 1], one column per `column_titles` entry (wrapped to `title_wrap` characters); greyscale images are drawn in
+    grey. Written atomically."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_rows, num_columns = len(rows), len(column_titles)
+    title_lines = max(len(textwrap.wrap(str(text), title_wrap)) for text in column_titles)
+    figure, axes = plt.subplots(num_rows, num_columns, squeeze=False, figsize=(
+        cell_inches * num_columns + 1.6, 0.95 * num_rows + 0.45 + 0.15 * title_lines))  # fmt: skip
+    for row, (label, images) in enumerate(rows.items()):
+        for column in range(num_columns):
+            axis = axes[row, column]
+            image = images[column]
+            if image.shape[-1] == 1:
+                axis.imshow(image.squeeze(-1), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                axis.imshow(image.clip(0.0, 1.0), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title("\n".join(textwrap.wrap(str(column_titles[column]), title_wrap)), fontsize=8)
+            if column == 0:
+                axis.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def section_slugs() -> list:
     return [section.slug for section in DEMO_SECTIONS]
 

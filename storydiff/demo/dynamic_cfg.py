@@ -8,40 +8,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from storydiff.demo import markdown_table, save_figure, write_csv, write_text
+from storydiff.demo import markdown_table, save_comparison_grid, write_csv, write_text
 
 DEMO_SCHEDULES = ("static", "linear", "cosine")
 DEMO_GUIDANCE_SCALE = 3.0
 DEMO_INFERENCE_STEPS = 20
 DEMO_SAMPLES_PER_CLASS = 10
 DEMO_SEED = 0
-
-
-def _save_comparison_grid(path: Path, rows: dict, title: str) -> None:
-    """One row per schedule, one column per class; `rows` maps a row label to (num_classes, H, W, C) images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    num_rows, num_columns = len(rows), next(iter(rows.values())).shape[0]
-    figure, axes = plt.subplots(
-        num_rows, num_columns, figsize=(0.9 * num_columns + 1.6, 0.95 * num_rows + 0.6), squeeze=False
-    )
-    for row, (label, images) in enumerate(rows.items()):
-        for column in range(num_columns):
-            axis = axes[row, column]
-            axis.imshow(images[column].squeeze(-1), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(f"class {column}", fontsize=9)
-            if column == 0:
-                axis.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    save_figure(figure, path, dpi=120)
-    plt.close(figure)
 
 
 def dynamic_cfg_demo(
@@ -124,9 +97,10 @@ def dynamic_cfg_demo(
 
     header = ["schedule", "class accuracy", "digit Frechet distance", "denoiser work vs static"]
     grid_path = output_dir / "dynamic_cfg_grid.png"
-    _save_comparison_grid(
+    save_comparison_grid(
         grid_path,
         first_of_each_class,
+        [f"class {c}" for c in range(num_classes)],
         f"Same noise, guidance_scale {guidance_scale}, {num_inference_steps} DDIM steps",
     )
     markdown_path = output_dir / "dynamic_cfg_metrics.md"

@@ -6,13 +6,12 @@ here into storydiff's `DynamicCFGStableDiffusionPipeline` and sampled with the s
 each schedule; `storydiff.evaluation.text_adherence` reads digit, colour, position and size back from every image.
 """
 
-import textwrap
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
-from storydiff.demo import markdown_table, save_figure, write_csv, write_text
+from storydiff.demo import markdown_table, save_comparison_grid, write_csv, write_text
 
 DEMO_CHECKPOINT = "digits-text-to-image"
 DEMO_SCHEDULES = ("static", "linear", "cosine")
@@ -22,32 +21,6 @@ DEMO_NUM_CAPTIONS = 60
 DEMO_GRID_COLUMNS = 6
 DEMO_SEED = 0
 ATTRIBUTES = ("digit", "colour", "position", "size")
-
-
-def _save_grid(path: Path, rows: dict, captions: Sequence[str], title: str) -> None:
-    """Rows: schedules (with their scores); columns: captions, written above each column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    num_rows, num_columns = len(rows), len(captions)
-    figure, axes = plt.subplots(num_rows, num_columns, figsize=(1.45 * num_columns + 1.5, 1.5 * num_rows + 1.2),
-                                squeeze=False)  # fmt: skip
-    for row, (label, images) in enumerate(rows.items()):
-        for column in range(num_columns):
-            axis = axes[row, column]
-            axis.imshow(images[column], interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title("\n".join(textwrap.wrap(captions[column], 16)), fontsize=7)
-            if column == 0:
-                axis.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    save_figure(figure, path, dpi=120)
-    plt.close(figure)
 
 
 def text_to_image_demo(
@@ -116,11 +89,12 @@ def text_to_image_demo(
                       f"{scores['exact']:.3f}", f"{frechet:.1f}", f"{work:.3f}"])  # fmt: skip
 
     grid_path = output_dir / "text_to_image_grid.png"
-    _save_grid(
+    save_comparison_grid(
         grid_path,
         {label: images[:DEMO_GRID_COLUMNS] for label, images in grid_rows.items()},
         captions[:DEMO_GRID_COLUMNS],
         f"Same captions and noise, guidance_scale {guidance_scale:g}, {num_inference_steps} DDIM steps",
+        cell_inches=1.45,
     )
     header = ["schedule", *ATTRIBUTES, "caption adherence", "exact captions", "canvas Frechet distance",
               "denoiser work vs static"]  # fmt: skip
