@@ -184,3 +184,16 @@ def test_tensorboard_logging_without_tensorboard_names_the_extra(tmp_path, monke
             "--output_dir", str(tmp_path / "vae"), "--report_to", "tensorboard"]  # fmt: skip
     with pytest.raises(ImportError, match=r"--report_to tensorboard.*storydiff\[train\].*--report_to none"):
         train_vae(argv)
+
+
+def test_weights_that_overflow_are_never_saved(tmp_path):
+    from storydiff.training.run_guards import NonFiniteLossError, check_finite_weights
+
+    vae = new_vae((4, 8), latent_channels=4, norm_num_groups=4)
+    check_finite_weights(vae)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"encoder.conv_in.weight holds NaN or infinite values; not saving"):
+        check_finite_weights(vae)
+    with pytest.raises(ValueError, match="--learning_rate must be a finite number > 0 \\(and fit a float32\\)"):
+        train_vae(["--dataset", "digits_world", "--output_dir", str(tmp_path / "o"), "--learning_rate", "1e39"])

@@ -116,8 +116,9 @@ def check_common_training_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}.")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise ValueError(f"--learning_rate must be a finite number > 0, got {args.learning_rate}.")
+    # float32's largest value: a larger rate is finite in Python but overflows in the optimizer's float32 tensors
+    if not (math.isfinite(args.learning_rate) and 0 < args.learning_rate <= 3.4e38):
+        raise ValueError(f"--learning_rate must be a finite number > 0 (and fit a float32), got {args.learning_rate}.")
     if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:
         raise ValueError(
             f"--max_train_samples must be >= 1 (or left out for all examples), got {args.max_train_samples}."

@@ -206,6 +206,9 @@ def save_checkpoint(
     """Save models, optimizer, LR scheduler, RNG states, registered hooks (EMA), `position` and `settings` (from
     `resume_settings`) as `output_dir/checkpoint-<global_step>`. Once it is complete, delete the oldest checkpoints
     beyond `total_limit`. Returns the folder."""
+    from storydiff.training.run_guards import check_finite_weights
+
+    check_finite_weights(*accelerator._models, what="a model being checkpointed")
     final_path = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{position.global_step}")
     partial_path = final_path + ".partial"
     if accelerator.is_main_process:

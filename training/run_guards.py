@@ -9,6 +9,7 @@ A script uses them like this (none imports torch at import time)::
             loss = ...
             loss = debug_nan_loss(loss, args, position.global_step)   # hidden --debug_nan_loss_at_step (tests)
             loss_value = check_finite_loss(accelerator, loss, position.global_step)   # before backward
+        check_finite_weights(model)                   # before the final save (save_checkpoint checks its own)
 """
 
 import contextlib
@@ -50,6 +51,18 @@ def check_finite_loss(accelerator, loss, step: int) -> float:
             "--lr_warmup_steps or use --mixed_precision no, then resume from the last checkpoint."
         )
     return value
+
+
+def check_finite_weights(*modules, what: str = "the model") -> None:
+    """Raise `NonFiniteLossError` if any parameter or buffer of `modules` holds NaN or infinity. Called before every
+    checkpoint and final save: a finite loss can still come with an update that overflows the weights."""
+    for module in modules:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(tensor.detach().isfinite().all()):
+                raise NonFiniteLossError(
+                    f"{what}'s {name} holds NaN or infinite values; not saving them. Lower --learning_rate or raise "
+                    "--lr_warmup_steps, then resume from the last checkpoint."
+                )
 
 
 def debug_nan_loss(loss, args, step: int):

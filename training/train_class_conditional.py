@@ -114,7 +114,12 @@ from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpo
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.run_guards import (
+    check_finite_loss,
+    check_finite_weights,
+    debug_nan_loss,
+    resume_hint_on_interrupt,
+)
 from storydiff.training.sample_grids import labelled_grid, save_grid
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -406,6 +411,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     json.dump(metrics, file, indent=2)
                 write_card(folder, args, argv, metrics, num_classes, dataset_id, ema is not None)
 
+            check_finite_weights(model)
             save_folder_atomically(args.output_dir, write_outputs)
         log_validation(accelerator, grid, os.path.join(args.output_dir, "samples.png"), position.global_step)
         if args.push_to_hub:

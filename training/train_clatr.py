@@ -111,7 +111,12 @@ from storydiff.training.et_folder import prepare_et_root
 from storydiff.training.hub import DEFAULT_IGNORE_PATTERNS, push_folder_to_hub
 from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.run_guards import (
+    check_finite_loss,
+    check_finite_weights,
+    debug_nan_loss,
+    resume_hint_on_interrupt,
+)
 from storydiff.trajectories import poses_to_features, standardize_camera_features
 
 
@@ -360,6 +365,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     json.dump(metrics, file, indent=2)
                 write_card(folder, args, argv, metrics, text_encoder_id)
 
+            check_finite_weights(unwrapped)
             save_folder_atomically(args.output_dir, write_outputs)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))

@@ -82,6 +82,7 @@ from storydiff.training.checkpointing import (
 from storydiff.training.model_card import training_command
 from storydiff.training.run_guards import (
     check_finite_loss,
+    check_finite_weights,
     check_output_dir_writable,
     debug_nan_loss,
     resume_hint_on_interrupt,
@@ -254,6 +255,7 @@ def train(args: argparse.Namespace, argv) -> dict:
             model.save_pretrained(folder)  # safetensors
             write_model_card(folder, args, metrics, command, num_parameters)
 
+        check_finite_weights(model)
         save_folder_atomically(output_dir, write_outputs)
         accelerator.print(
             f"test accuracy {metrics['test_accuracy']:.4f} (train {metrics['train_accuracy']:.4f}); saved to {output_dir}"

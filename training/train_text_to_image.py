@@ -170,7 +170,12 @@ from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpo
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.run_guards import (
+    check_finite_loss,
+    check_finite_weights,
+    debug_nan_loss,
+    resume_hint_on_interrupt,
+)
 from storydiff.training.sample_grids import labelled_grid, save_grid
 from storydiff.training.text_image_data import (
     ImageCaptionDataset,
@@ -596,6 +601,7 @@ def save_output(args, argv, pipeline, model, grid, metrics, dataset_id) -> None:
             "             generator=torch.manual_seed(0)).images[0]",
         )
 
+    check_finite_weights(model)
     save_folder_atomically(args.output_dir, write)
 
 

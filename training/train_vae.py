@@ -94,7 +94,12 @@ from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpo
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
-from storydiff.training.run_guards import check_finite_loss, debug_nan_loss, resume_hint_on_interrupt
+from storydiff.training.run_guards import (
+    check_finite_loss,
+    check_finite_weights,
+    debug_nan_loss,
+    resume_hint_on_interrupt,
+)
 from storydiff.training.text_image_data import ImageCaptionDataset, collate_image_captions, digits_world_training_data
 from storydiff.training.text_to_image_components import new_vae
 
@@ -263,6 +268,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     usage='from diffusers import AutoencoderKL\n\nvae = AutoencoderKL.from_pretrained("path/to/this/folder")',
                 )
 
+            check_finite_weights(model)
             save_folder_atomically(args.output_dir, write)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
