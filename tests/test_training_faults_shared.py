@@ -34,7 +34,10 @@ from storydiff.training.run_guards import NonFiniteLossError, resume_hint_on_int
 from storydiff.training.sample_grids import labelled_grid
 
 TRAINING = Path(__file__).resolve().parents[1] / "training"
-SCRIPTS = ["train_class_conditional.py", "train_director.py", "train_clatr.py", "train_digit_classifier.py"]
+SCRIPTS = [
+    "train_class_conditional.py", "train_director.py", "train_clatr.py", "train_digit_classifier.py",
+    "train_vae.py", "train_text_to_image.py",
+]  # fmt: skip
 TINY = [
     "--dataset", "digits", "--resolution", "16", "--block_out_channels", "8,16", "--norm_num_groups", "4",
     "--train_batch_size", "4", "--max_train_samples", "8", "--lr_warmup_steps", "1",
@@ -70,8 +73,18 @@ def test_help_answers_before_torch_is_imported_and_shows_defaults():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "HEAVY []" in out
-    assert out.count("usage: ") == 4
+    assert out.count("usage: ") == len(SCRIPTS)
     assert "(default: 0.0005)" in out and "(default: 0.002)" in out  # class-conditional's and the classifier's lr
+
+
+def test_a_bad_flag_value_is_one_line_and_exit_status_2(tmp_path):
+    command = [sys.executable, str(TRAINING / "train_class_conditional.py"), "--dataset", "digits", "--output_dir",
+               str(tmp_path / "out"), "--learning_rate", "inf"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "train_class_conditional.py: error: --learning_rate must be a finite number > 0 (and fit a float32), got inf."
+    )
 
 
 def test_ctrl_c_prints_one_resume_line_and_exits_130(tmp_path, capsys):

@@ -25,6 +25,7 @@ import copy
 import math
 import os
 import re
+import sys
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 LR_SCHEDULER_CHOICES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
@@ -131,6 +132,16 @@ def check_common_training_arguments(args: argparse.Namespace) -> None:
 
 # A Hub repo id: "name" or "namespace/name" of letters, digits, "-", "_", "." (huggingface_hub's rule).
 _HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def parse_args_or_exit(parse_args) -> argparse.Namespace:
+    """`parse_args()` for a script's command line: a bad value ends the run with one line on stderr and exit status
+    2, as argparse does for a bad flag, instead of a traceback (`main(argv)` still raises ValueError, for tests)."""
+    try:
+        return parse_args()
+    except ValueError as error:
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def int_list(flag: str, text: str, minimum: int = None) -> list:

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from storydiff.training.arguments import training_argument_parser
+from storydiff.training.arguments import parse_args_or_exit, training_argument_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+    parse_args_or_exit(parse_args)  # --help and bad flags answer here, before the imports below take seconds
 
 from pathlib import Path
 

@@ -30,6 +30,7 @@ from storydiff.training.arguments import (
     check_common_training_arguments,
     check_path_or_hub_id,
     int_list,
+    parse_args_or_exit,
     training_argument_parser,
 )
 
@@ -141,7 +142,7 @@ def _float_list(text: str) -> list:
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+    parse_args_or_exit(parse_args)  # --help and bad flags answer here, before the imports below take seconds
 
 import json
 import shutil

@@ -22,6 +22,7 @@ from storydiff.training.arguments import (
     add_common_training_arguments,
     check_common_training_arguments,
     int_list,
+    parse_args_or_exit,
     training_argument_parser,
 )
 
@@ -68,7 +69,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer here, before the imports below take seconds
+    parse_args_or_exit(parse_args)  # --help and bad flags answer here, before the imports below take seconds
 
 import json
 import time
