@@ -197,3 +197,51 @@ def test_weights_that_overflow_are_never_saved(tmp_path):
         check_finite_weights(vae)
     with pytest.raises(ValueError, match="--learning_rate must be a finite number > 0 \\(and fit a float32\\)"):
         train_vae(["--dataset", "digits_world", "--output_dir", str(tmp_path / "o"), "--learning_rate", "1e39"])
+
+
+def test_resume_refuses_other_settings_and_a_nan_loss_saves_nothing(digits_model, tmp_path, tiny_vae_folder):
+    import shutil
+
+    from storydiff.training.checkpointing import ResumeSettingsError
+    from storydiff.training.run_guards import NonFiniteLossError
+
+    out = tmp_path / "run"
+    shutil.copytree(digits_model, out)
+    argv = ["--dataset", "digits_world", "--vae", str(tiny_vae_folder), *TINY_T2I, "--output_dir", str(out),
+            "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2", "--validation_steps", "1000"]  # fmt: skip
+    with pytest.raises(ResumeSettingsError, match=r"train_batch_size: checkpoint 4, now 2"):
+        train_text_to_image([*argv, "--train_batch_size", "2"])
+    with pytest.raises(ResumeSettingsError, match=r"unet.block_out_channels"):
+        train_text_to_image([*argv, "--unet_block_out_channels", "8,8"])
+
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(NonFiniteLossError, match="optimizer update 4"):
+        train_text_to_image([*argv, "--debug_nan_loss_at_step", "4"])
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_a_failed_final_save_leaves_the_previous_pipeline_loadable(
+    digits_model, tmp_path, tiny_vae_folder, monkeypatch
+):
+    import shutil
+
+    import storydiff.training.train_text_to_image as script
+
+    out = tmp_path / "run"
+    shutil.copytree(digits_model, out)
+    config_before = (out / "unet" / "config.json").read_text()
+    weights_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):  # the pipeline is written into the staging folder by then; the card fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(script, "write_model_card", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train_text_to_image(["--dataset", "digits_world", "--vae", str(tiny_vae_folder), *TINY_T2I,
+                             "--output_dir", str(out), "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                             "--validation_steps", "1000", "--checkpointing_steps", "2"])  # fmt: skip
+    assert (out / "unet" / "config.json").read_text() == config_before
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights_before
+    StableDiffusionPipeline.from_pretrained(out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
