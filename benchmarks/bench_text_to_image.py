@@ -99,7 +99,7 @@ def summary(values: list) -> dict:
     """Median with its interquartile range."""
     if len(values) < 2:
         return {"median": values[0], "q1": values[0], "q3": values[0], "n": len(values)}
-    q1, median, q3 = statistics.quantiles(values, n=4)
+    q1, _, q3 = statistics.quantiles(values, n=4)
     return {"median": statistics.median(values), "q1": q1, "q3": q3, "n": len(values)}
 
 
@@ -458,11 +458,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps N")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--train-batch", type=int, default=64)
-    parser.add_argument("--train-pairs", type=int, default=8, help="trained/frozen text encoder step pairs")
+    parser.add_argument("--train-pairs", type=int, default=10, help="trained/frozen text encoder step pairs")
     parser.add_argument("--generation-batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--generation-repeats", type=int, default=12, help="calls at batch 1 (a quarter at larger)")
+    parser.add_argument("--generation-repeats", type=int, default=16, help="calls at batch 1 (a quarter at larger)")
     parser.add_argument("--text-repeats", type=int, default=20)
-    parser.add_argument("--cfg-repeats", type=int, default=9, help="repeats of the dynamic-CFG pairs")
+    parser.add_argument("--cfg-repeats", type=int, default=21, help="repeats of the dynamic-CFG pairs")
     parser.add_argument("--overhead-pairs", type=int, default=4, help="stock/static pairs per repeat")
     parser.add_argument("--sections", nargs="+", default=["training", "generation", "text_encoder", "dynamic_cfg"],
                         choices=["training", "generation", "text_encoder", "dynamic_cfg"])  # fmt: skip
