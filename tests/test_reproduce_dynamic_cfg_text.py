@@ -59,6 +59,10 @@ def test_sweep_writes_its_page_plot_grid_table_and_numbers(tiny_model, tmp_path)
         for name in ("overall", "exact", "digit", "colour", "position", "size"):
             assert 0.0 <= row[name] <= 1.0
         assert np.isfinite(row["frechet_distance"]) and row["frechet_std"] >= 0
+    for kind, named in results["paired_intervals"].items():
+        assert kind in ("linear", "linear and cosine")
+        for low, high in named.values():
+            assert low <= high
     # the measurer reads real canvases of the world back (its ceiling), whatever the model
     assert results["real_canvases"]["overall"] > 0.8
 
@@ -113,3 +117,28 @@ def test_bad_arguments_are_refused_before_any_work(arguments, message, capsys):
     with pytest.raises(SystemExit):
         load_script().parse_args(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_paired_bootstrap_resamples_the_same_captions_for_every_point():
+    script = load_script()
+    rng = np.random.default_rng(0)
+
+    def canvases(shift: float) -> dict:
+        return {
+            "overall": rng.uniform(0, 1, 30).round(2),
+            "exact": rng.integers(0, 2, 30).astype(float),
+            "num_digits": np.ones(30),
+            "features": [rng.normal(shift, 1.0, (1, 4)) for _ in range(30)],
+        }
+
+    static = canvases(0.0)
+    measured = {("static", 2.0): static, ("linear", 2.0): static, ("cosine", 2.0): canvases(3.0)}
+    intervals = script.paired_bootstrap(
+        measured, canvases(0.0), ["static", "linear", "cosine"], rng.normal(0, 1, (50, 4)), 20, 0
+    )
+    # linear drew exactly static's canvases: paired resamples leave no difference at all
+    for name in ("same_g_overall", "same_g_exact", "same_g_fd"):
+        assert intervals["linear"][name] == [0.0, 0.0]
+    # cosine's features are far off the reference: it is worse than static at the same g in every resample
+    assert intervals["cosine"]["same_g_fd"][0] > 0
+    assert set(intervals) == {"linear", "cosine", "linear and cosine"}
