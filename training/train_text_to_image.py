@@ -598,8 +598,10 @@ def save_output(args, argv, pipeline, model, grid, metrics, dataset_id) -> None:
             base_model=base if lora else None,
             images=images,
             usage="import torch\nfrom diffusers import StableDiffusionPipeline\n\n" + load + "\n"
-            'image = pipe("a small red 7 in the top left corner", guidance_scale=4.0, num_inference_steps=25,\n'
-            "             generator=torch.manual_seed(0)).images[0]",
+            "image = pipe(\n"
+            '    "a small red 7 in the top left corner", guidance_scale=4.0, num_inference_steps=25, '
+            "generator=torch.manual_seed(0)\n"
+            ").images[0]",
         )
 
     check_finite_weights(model)
