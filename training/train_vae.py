@@ -200,6 +200,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
         accelerator.print(f"Resuming from {checkpoint}")
         position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
 
+    example_log = open(args.debug_example_log, "a") if args.debug_example_log and accelerator.is_main_process else None
     progress = tqdm(total=max_train_steps, initial=position.global_step, desc="VAE training steps",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     for epoch, batches in epoch_batches(dataloader, position, num_epochs):
@@ -208,6 +209,11 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
         objective.train()
         for batch in batches:
             position.batches_in_epoch += 1
+            if example_log is not None:
+                example_log.write(
+                    json.dumps({"step": position.global_step, "indices": batch["index"].tolist()}) + "\n"
+                )
+                example_log.flush()
             with accelerator.accumulate(objective):
                 loss, mse = objective(batch["pixel_values"])
                 loss = debug_nan_loss(loss, args, position.global_step)
@@ -234,6 +240,8 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             if position.global_step >= max_train_steps:
                 break
     progress.close()
+    if example_log is not None:
+        example_log.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
