@@ -27,7 +27,12 @@ def run_two_processes(script: str, argv: list, kill_after_checkpoint: int = None
     process = subprocess.Popen([*LAUNCH, str(TRAINING / script), *argv], env=env, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     if kill_after_checkpoint is None:
-        output, _ = process.communicate(timeout=timeout)
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung worker must fail the test, not the whole CI run
+            kill_process_tree(process.pid)
+            output, _ = process.communicate()
+            raise AssertionError(f"{script} did not finish in {timeout} s:\n{output[-3000:]}") from None
         assert process.returncode == 0, output[-3000:]
         return
     output_dir = Path(argv[argv.index("--output_dir") + 1])

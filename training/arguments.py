@@ -202,3 +202,15 @@ def create_accelerator(args: argparse.Namespace, project_name: str):
             config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers(project_name, config=config)
     return accelerator
+
+
+def end_training(accelerator) -> None:
+    """Close the trackers, then take the processes through one last barrier and destroy the process group
+    explicitly: left to the interpreter's teardown, a gloo group can hang the last process to exit once its peers
+    are gone (seen with 2 CPU processes), and the run would never end."""
+    import torch.distributed as dist
+
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()

@@ -100,7 +100,7 @@ from tqdm.auto import tqdm
 from storydiff.atomic_files import save_folder_atomically
 from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
 from storydiff.data.digits import NUM_DIGIT_CLASSES, digits_arrays
-from storydiff.training.arguments import create_accelerator
+from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
     TrainingPosition,
@@ -420,7 +420,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
             accelerator.print(f"Pushed to {url}")
         accelerator.print(f"Saved the pipeline and its model card in {args.output_dir}")
-    accelerator.end_training()
+    end_training(accelerator)
     return args.output_dir
 
 

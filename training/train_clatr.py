@@ -96,7 +96,7 @@ from storydiff.data import load_clatr_split
 from storydiff.metrics import clatr_score
 from storydiff.models.clatr import CLaTrModel
 from storydiff.text_features import load_text_encoder
-from storydiff.training.arguments import create_accelerator
+from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.caption_features import cached_caption_features, captions_fingerprint
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
@@ -377,7 +377,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             )
             accelerator.print(f"Pushed to {url}")
         accelerator.print(f"Saved CLaTr and its model card in {args.output_dir}: {validation}")
-    accelerator.end_training()
+    end_training(accelerator)
     return args.output_dir
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 
-from storydiff.training.arguments import parse_args_or_exit, training_argument_parser
+from storydiff.training.arguments import end_training, parse_args_or_exit, training_argument_parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -260,7 +260,7 @@ def train(args: argparse.Namespace, argv) -> dict:
         accelerator.print(
             f"test accuracy {metrics['test_accuracy']:.4f} (train {metrics['train_accuracy']:.4f}); saved to {output_dir}"
         )
-    accelerator.end_training()
+    end_training(accelerator)
     return metrics
 
 

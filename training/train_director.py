@@ -153,7 +153,7 @@ from storydiff.data import load_et
 from storydiff.models.director import DirectorModel, drop_conditions, edm_loss
 from storydiff.schedulers.scheduling_edm_heun import EDMHeunScheduler
 from storydiff.text_features import TextFeatures, encode_text, load_text_encoder
-from storydiff.training.arguments import create_accelerator
+from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.caption_features import cached_caption_features, captions_fingerprint
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
@@ -541,7 +541,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             )
             accelerator.print(f"Pushed to {url}")
         accelerator.print(f"Saved a DirectorPipeline in {args.output_dir}: {validation}")
-    accelerator.end_training()
+    end_training(accelerator)
     return args.output_dir
 
 

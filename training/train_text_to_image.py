@@ -157,7 +157,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from storydiff.atomic_files import save_folder_atomically
-from storydiff.training.arguments import create_accelerator
+from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
     TrainingPosition,
@@ -526,7 +526,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
             accelerator.print(f"Pushed to {url}")
         accelerator.print(f"Saved {'LoRA weights' if args.lora_rank else 'the pipeline'} in {args.output_dir}")
-    accelerator.end_training()
+    end_training(accelerator)
     return args.output_dir
 
 

@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from storydiff.atomic_files import save_folder_atomically
-from storydiff.training.arguments import create_accelerator
+from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
     TrainingPosition,
@@ -283,7 +283,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             accelerator.print(f"Pushed to {push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token)}")
         accelerator.print(f"Saved the VAE in {args.output_dir}: held-out PSNR {metrics['heldout_psnr_db']:.2f} dB")
-    accelerator.end_training()
+    end_training(accelerator)
     return args.output_dir
 
 
