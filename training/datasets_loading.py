@@ -17,6 +17,7 @@ there is no network and leaks to the network where there is. A Hub dataset is lo
 `datasets` (HF_HUB_OFFLINE and the cache are honoured).
 """
 
+import argparse
 import contextlib
 import os
 from typing import Dict, Optional
@@ -95,3 +96,43 @@ def load_image_dataset(
     if len(dataset) == 0:
         raise ValueError("The dataset has no training examples.")
     return dataset
+
+
+def add_image_data_arguments(
+    parser: argparse.ArgumentParser, built_in: tuple, folder_help: str, resolution: int, resolution_help: str
+):
+    """The data flags every image-training script shares: a built-in dataset (`built_in` names), an image folder or
+    a Hub dataset, the image column, resolution, flips and a sample cap. Returns the group, for the script's own
+    flags (label or caption column, ...)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", type=str, default=None, choices=built_in, help="Built-in dataset.")
+    data.add_argument("--train_data_dir", type=str, default=None, help=folder_help)
+    data.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id (or local dataset script).")
+    data.add_argument("--dataset_config_name", type=str, default=None)
+    data.add_argument("--cache_dir", type=str, default=None)
+    data.add_argument("--image_column", type=str, default="image")
+    data.add_argument("--resolution", type=int, default=resolution, help=resolution_help)
+    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips (not for built-in data).")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N examples.")
+    return data
+
+
+def check_one_data_source(args: argparse.Namespace, built_in: tuple) -> None:
+    sources = [args.dataset is not None, args.train_data_dir is not None, args.dataset_name is not None]
+    if sum(sources) != 1:
+        raise ValueError(
+            f"Give exactly one data source: --dataset {' or '.join(built_in)}, --train_data_dir or --dataset_name."
+        )
+
+
+def load_image_dataset_from_args(args: argparse.Namespace, other_columns: Optional[Dict[str, str]] = None):
+    """`load_image_dataset` with the flags `add_image_data_arguments` defines."""
+    return load_image_dataset(
+        train_data_dir=args.train_data_dir,
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        image_column=args.image_column,
+        other_columns=other_columns,
+        max_train_samples=args.max_train_samples,
+    )

@@ -25,24 +25,17 @@ from storydiff.training.arguments import (
     parse_args_or_exit,
     training_argument_parser,
 )
+from storydiff.training.datasets_loading import add_image_data_arguments, check_one_data_source
 
 BUILT_IN_DATASETS = ("digits",)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = training_argument_parser(__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default=None, choices=BUILT_IN_DATASETS, help="Built-in dataset.")
-    data.add_argument("--train_data_dir", type=str, default=None, help="Image folder, one sub-folder per class.")
-    data.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id (or local dataset script).")
-    data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--cache_dir", type=str, default=None)
-    data.add_argument("--image_column", type=str, default="image")
+    data = add_image_data_arguments(parser, BUILT_IN_DATASETS, "Image folder, one sub-folder per class.", 16,
+                                    "Training image size (digits: 16 or 32).")  # fmt: skip
     data.add_argument("--label_column", type=str, default="label")
-    data.add_argument("--resolution", type=int, default=16, help="Training image size (digits: 16 or 32).")
     data.add_argument("--image_channels", type=int, default=3, choices=(1, 3), help="Image folders / Hub only.")
-    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips (not for digits).")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N examples.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--block_out_channels", type=str, default="32,64,64", help="UNet channels per level.")
@@ -62,9 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     add_common_training_arguments(parser)
     args = parser.parse_args(argv)
     check_common_training_arguments(args)
-    sources = [args.dataset is not None, args.train_data_dir is not None, args.dataset_name is not None]
-    if sum(sources) != 1:
-        raise ValueError("Give exactly one data source: --dataset digits, --train_data_dir or --dataset_name.")
+    check_one_data_source(args, BUILT_IN_DATASETS)
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}.")
     if args.validation_steps < 1 or args.num_validation_images_per_class < 1:
@@ -110,7 +101,7 @@ from storydiff.training.checkpointing import (
     resume_settings,
     save_checkpoint,
 )
-from storydiff.training.datasets_loading import load_image_dataset
+from storydiff.training.datasets_loading import load_image_dataset_from_args
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
@@ -165,15 +156,7 @@ def load_training_data(args):
 
     import datasets
 
-    dataset = load_image_dataset(
-        train_data_dir=args.train_data_dir,
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
-        image_column=args.image_column,
-        other_columns={"--label_column": args.label_column},
-        max_train_samples=args.max_train_samples,
-    )
+    dataset = load_image_dataset_from_args(args, other_columns={"--label_column": args.label_column})
     dataset_id = args.dataset_name
     feature = dataset.features[args.label_column]
     raw_labels = dataset[args.label_column]

@@ -33,6 +33,7 @@ from storydiff.training.arguments import (
     parse_args_or_exit,
     training_argument_parser,
 )
+from storydiff.training.datasets_loading import add_image_data_arguments, check_one_data_source
 
 DIGITS_WORLD = "digits_world"
 BUILT_IN_DATASETS = (DIGITS_WORLD,)
@@ -48,17 +49,9 @@ DEFAULT_DIGITS_VALIDATION_PROMPTS = (
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = training_argument_parser(__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default=None, choices=BUILT_IN_DATASETS, help="Built-in dataset.")
-    data.add_argument("--train_data_dir", type=str, default=None, help="Image folder with metadata.jsonl captions.")
-    data.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id.")
-    data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--cache_dir", type=str, default=None)
-    data.add_argument("--image_column", type=str, default="image")
+    data = add_image_data_arguments(parser, BUILT_IN_DATASETS, "Image folder with metadata.jsonl captions.", 32,
+                                    "Training image size in pixels.")  # fmt: skip
     data.add_argument("--caption_column", type=str, default="text")
-    data.add_argument("--resolution", type=int, default=32, help="Training image size in pixels.")
-    data.add_argument("--random_flip", action="store_true", help="Random horizontal flips (not for the digits world).")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N examples.")
     data.add_argument("--num_world_samples", type=int, default=8000, help="Canvases of the digits world.")
 
     model = parser.add_argument_group("model: fine-tune a pipeline, or start from a VAE")
@@ -102,9 +95,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def check_text_to_image_arguments(args: argparse.Namespace) -> None:
-    sources = [args.dataset is not None, args.train_data_dir is not None, args.dataset_name is not None]
-    if sum(sources) != 1:
-        raise ValueError("Give exactly one data source: --dataset digits_world, --train_data_dir or --dataset_name.")
+    check_one_data_source(args, BUILT_IN_DATASETS)
     if (args.pretrained_model_name_or_path is None) == (args.vae is None):
         raise ValueError(
             "Give exactly one model source: --pretrained_model_name_or_path (fine-tune an SD-shaped pipeline) or "
@@ -197,12 +188,9 @@ def load_training_data(args) -> tuple:
                 dataset.captions[: args.max_train_samples],
             )
         return dataset, "storydiff-digits-world"
-    from storydiff.training.datasets_loading import load_image_dataset
+    from storydiff.training.datasets_loading import load_image_dataset_from_args
 
-    hf_dataset = load_image_dataset(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                                    dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
-                                    image_column=args.image_column, other_columns={"--caption_column": args.caption_column},
-                                    max_train_samples=args.max_train_samples)  # fmt: skip
+    hf_dataset = load_image_dataset_from_args(args, other_columns={"--caption_column": args.caption_column})
     dataset_id = args.dataset_name
     dataset = ImageCaptionDataset(hf_dataset=hf_dataset, image_column=args.image_column,
                                   caption_column=args.caption_column, resolution=args.resolution,

@@ -25,6 +25,7 @@ from storydiff.training.arguments import (
     parse_args_or_exit,
     training_argument_parser,
 )
+from storydiff.training.datasets_loading import add_image_data_arguments, check_one_data_source
 
 DIGITS_WORLD = "digits_world"
 BUILT_IN_DATASETS = (DIGITS_WORLD,)
@@ -33,16 +34,7 @@ EVALUATION_EXAMPLES = 256
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = training_argument_parser(__doc__.split("\n\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", type=str, default=None, choices=BUILT_IN_DATASETS, help="Built-in dataset.")
-    data.add_argument("--train_data_dir", type=str, default=None, help="Image folder.")
-    data.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id.")
-    data.add_argument("--dataset_config_name", type=str, default=None)
-    data.add_argument("--cache_dir", type=str, default=None)
-    data.add_argument("--image_column", type=str, default="image")
-    data.add_argument("--resolution", type=int, default=32)
-    data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N examples.")
+    data = add_image_data_arguments(parser, BUILT_IN_DATASETS, "Image folder.", 32, "Training image size in pixels.")
     data.add_argument("--num_world_samples", type=int, default=4000, help="Canvases of the digits world.")
 
     model = parser.add_argument_group("model")
@@ -56,9 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.set_defaults(learning_rate=1e-3, train_batch_size=64, use_ema=False, lr_warmup_steps=50)
     args = parser.parse_args(argv)
     check_common_training_arguments(args)
-    sources = [args.dataset is not None, args.train_data_dir is not None, args.dataset_name is not None]
-    if sum(sources) != 1:
-        raise ValueError("Give exactly one data source: --dataset digits_world, --train_data_dir or --dataset_name.")
+    check_one_data_source(args, BUILT_IN_DATASETS)
     if not math.isfinite(args.kl_weight) or args.kl_weight < 0:
         raise ValueError(f"--kl_weight must be a finite number >= 0, got {args.kl_weight}.")
     args.block_out_channels = int_list("--block_out_channels", args.block_out_channels, minimum=1)
@@ -114,11 +104,9 @@ def load_training_data(args) -> tuple:
         held_out, _, _ = digits_world_arrays("test", num_samples=EVALUATION_EXAMPLES, seed=args.seed + 1,
                                              resolution=args.resolution)  # fmt: skip
         return dataset, torch.as_tensor(held_out), "storydiff-digits-world"
-    from storydiff.training.datasets_loading import load_image_dataset
+    from storydiff.training.datasets_loading import load_image_dataset_from_args
 
-    hf_dataset = load_image_dataset(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
-                                    dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
-                                    image_column=args.image_column, max_train_samples=args.max_train_samples)  # fmt: skip
+    hf_dataset = load_image_dataset_from_args(args)
     dataset_id = args.dataset_name
     dataset = ImageCaptionDataset(hf_dataset=hf_dataset, image_column=args.image_column, caption_column=None,
                                   resolution=args.resolution, random_flip=args.random_flip)  # fmt: skip
