@@ -2,6 +2,7 @@
 other, both on one shared pipeline (ClassConditional, Director: their per-call state is kept out of shared objects)
 and with diffusers' serving pattern, `Pipeline.from_pipe(pipe, scheduler=...)` per request (all four pipelines)."""
 
+import copy
 import threading
 
 import pytest
@@ -77,9 +78,12 @@ def test_from_pipe_per_request_serving_pattern(name, tmp_path):
     shared = case.build(tmp_path)
 
     def serve(request):
-        # diffusers' "create a server" recipe: components shared, a fresh scheduler and pipeline state per request
+        # diffusers' "create a server" recipe: models shared, a fresh scheduler and pipeline state per request, and a
+        # copy of each (fast) tokenizer, whose padding / truncation setting is state that concurrent calls overwrite
         scheduler = shared.scheduler.from_config(shared.scheduler.config)
-        request_pipe = case.pipeline_class.from_pipe(shared, scheduler=scheduler)
+        tokenizers = {name: copy.deepcopy(component) for name, component in shared.components.items()
+                      if name.startswith("tokenizer") and component is not None}  # fmt: skip
+        request_pipe = case.pipeline_class.from_pipe(shared, scheduler=scheduler, **tokenizers)
         request_pipe.set_progress_bar_config(disable=True)
         return case.call(request_pipe, **request)
 
