@@ -142,27 +142,3 @@ def test_vae_two_processes_kill_and_resume(tmp_path):
     ]  # fmt: skip
     kill_resume_and_compare(tmp_path, "train_vae.py", common, kill_after=2,
                             weights="diffusion_pytorch_model.safetensors")  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "script, model_flags, weights",
-    [
-        ("train_director.py", ["--hidden_size", "16", "--num_layers", "1", "--num_heads", "2", "--num_registers", "2",
-                               "--num_condition_layers", "1", "--num_frames", "40", "--num_validation_samples", "2",
-                               "--num_inference_steps", "2", "--no-save_text_encoder"],
-         "model/diffusion_pytorch_model.safetensors"),
-        ("train_clatr.py", ["--latent_dim", "16", "--num_layers", "1", "--num_heads", "2", "--ff_size", "32",
-                            "--max_frames", "40"], "diffusion_pytorch_model.safetensors"),
-    ],
-)  # fmt: skip
-def test_et_scripts_two_processes_kill_and_resume(tmp_path, script, model_flags, weights):
-    from storydiff.data import make_synthetic_et
-
-    et_root = tmp_path / "et"
-    make_synthetic_et(et_root, num_samples=40, seed=0, num_frames=(20, 40))
-    common = [
-        "--et_root", str(et_root), *model_flags, "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--max_train_steps", "5", "--checkpointing_steps", "2", "--validation_steps", "100", "--lr_warmup_steps", "1",
-        "--learning_rate", "1e-3", "--report_to", "none",
-    ]  # fmt: skip
-    kill_resume_and_compare(tmp_path, script, common, kill_after=2, weights=weights)
