@@ -32,6 +32,10 @@ _EXPORTS = {
     "EDMHeunScheduler": "storydiff.schedulers.scheduling_edm_heun",
     "DirectorPipeline": "storydiff.custom_pipelines.director",
     "DirectorPipelineOutput": "storydiff.custom_pipelines.director",
+    # Video LDM
+    "VideoLDMUNet": "storydiff.models.video_ldm_unet",
+    "VideoLDMPipeline": "storydiff.custom_pipelines.video_ldm",
+    "VideoLDMPipelineOutput": "storydiff.custom_pipelines.video_ldm",
 }
 
 __all__ = sorted(_EXPORTS)
