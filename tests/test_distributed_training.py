@@ -142,3 +142,21 @@ def test_vae_two_processes_kill_and_resume(tmp_path):
     ]  # fmt: skip
     kill_resume_and_compare(tmp_path, "train_vae.py", common, kill_after=2,
                             weights="diffusion_pytorch_model.safetensors")  # fmt: skip
+
+
+def test_video_ldm_two_processes_kill_and_resume(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from tiny_stable_diffusion import tiny_sd_components
+
+    image_model = tmp_path / "image-ldm"
+    components = tiny_sd_components(tmp_path / "parts", sample_size=12)
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(image_model)
+    common = [
+        "--pretrained_model_name_or_path", str(image_model), "--dataset", "moving_digits", "--resolution", "24",
+        "--num_frames", "4", "--num_videos", "16", "--temporal_attention_head_dim", "4", "--train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--max_train_steps", "5", "--checkpointing_steps", "2",
+        "--lr_warmup_steps", "1", "--validation_prompts", "--num_evaluation_videos", "1",
+        "--validation_inference_steps", "1", "--report_to", "none",
+    ]  # fmt: skip
+    kill_resume_and_compare(tmp_path, "train_video_ldm.py", common, kill_after=2,
+                            weights="unet/diffusion_pytorch_model.safetensors")  # fmt: skip
