@@ -330,9 +330,9 @@ class VideoLDMPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Diffusio
         Example:
             ```py
             >>> from storydiff import VideoLDMPipeline
-            >>> from storydiff.checkpoints import video_ldm_pipeline_path
+            >>> from storydiff.checkpoints import video_ldm_pipeline
             >>> from diffusers.utils import export_to_gif
-            >>> pipe = VideoLDMPipeline.from_pretrained(video_ldm_pipeline_path())
+            >>> pipe = video_ldm_pipeline()  # or VideoLDMPipeline.from_pretrained(folder)
             >>> video = pipe("a large red 3 moves slowly to the left", num_inference_steps=25,
             ...              guidance_scale=4.0, generator=torch.manual_seed(0), output_type="pil").frames[0]
             >>> export_to_gif(video, "red_3.gif")
@@ -385,6 +385,7 @@ class VideoLDMPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Diffusio
         known, indices = self._check_conditioning(
             known, conditioning_frame_indices, batch, num_frames, latent_shape, conditioning_mode, scheduler
         )
+        known_index = torch.tensor(indices or [], dtype=torch.long, device=device)
         w_r = float(reconstruction_guidance_scale)
         if not np.isfinite(w_r) or w_r < 0:
             raise ValueError(f"`reconstruction_guidance_scale` must be a finite number >= 0, got {w_r!r}.")
@@ -409,7 +410,8 @@ class VideoLDMPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Diffusio
             if known is not None:
                 # replacement: the known frames at this step's noise level, drawn afresh each step
                 noise = randn_tensor(known.shape, generator=generator, device=device, dtype=known.dtype)
-                latents[:, :, indices] = scheduler.add_noise(known, noise, t.reshape(1))
+                # out of place: a callback may hold on to the previous step's latents
+                latents = latents.index_copy(2, known_index, scheduler.add_noise(known, noise, t.reshape(1)))
                 output = self._conditioned_step_output(
                     latents, t, embeds, negative, scale, scheduler, known, indices, conditioning_mode, w_r
                 )
@@ -427,7 +429,7 @@ class VideoLDMPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Diffusio
                 negative = outputs.pop("negative_prompt_embeds", negative)
 
         if known is not None:
-            latents[:, :, indices] = known  # the known frames are given, not generated
+            latents = latents.index_copy(2, known_index, known)  # the known frames are given, not generated
         if output_type == "latent":
             frames = latents
         else:

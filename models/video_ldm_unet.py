@@ -26,13 +26,16 @@ are: `AlphaBlender` (alpha and the image-only rule) and `TemporalBasicTransforme
 """
 
 import contextlib
+import functools
 import json
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, TemporalBasicTransformerBlock
@@ -58,18 +61,30 @@ class VideoLDMUNetOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class FrameLayout:
-    """How the flat `(batch * frames)` batch the 2D blocks see is made of videos, set by `VideoLDMUNet.forward`
-    for the wrappers below (the 2D blocks call `resnet(x, temb)` and `attn(x, ...)`, so there is no argument to
-    carry it). With no layout set, the wrapped blocks are the plain image blocks."""
+@dataclass(frozen=True)
+class Frames:
+    """How the flat `(batch * frames)` batch of one forward pass is made of videos."""
 
-    def __init__(self):
-        self.num_frames: Optional[int] = None
-        self.image_only_indicator: Optional[torch.Tensor] = None  # (batch, frames), 1 = an image, not a video frame
-        self.text: Optional[torch.Tensor] = None  # (batch, tokens, dim): the text, once per video
+    num_frames: int
+    image_only_indicator: torch.Tensor  # (batch, frames), 1 = a separate image, not a video frame
+    text: torch.Tensor  # (batch, tokens, dim): the text, once per video
 
-    def set(self, num_frames: Optional[int], image_only_indicator=None, text=None) -> None:
-        self.num_frames, self.image_only_indicator, self.text = num_frames, image_only_indicator, text
+
+class FrameLayout(threading.local):
+    """The `Frames` of the forward pass in progress, set by `VideoLDMUNet.forward` for the wrappers below (the 2D
+    blocks call `resnet(x, temb)` and `attn(x, ...)`, so no argument can carry it). Thread-local, so that
+    concurrent forward passes of one model never see each other's; with none set (`current` is None) the wrapped
+    blocks are the plain image blocks. Each wrapper reads it once per call and passes it on explicitly, also into
+    gradient checkpointing's recomputation."""
+
+    current: Optional[Frames] = None
+    disabled: bool = False  # `VideoLDMUNet.temporal_layers_disabled()`
+
+    def __deepcopy__(self, memo):
+        return FrameLayout()  # a copied model starts with no pass in progress
+
+    def __reduce__(self):
+        return (FrameLayout, ())
 
 
 def _zero_(module: torch.nn.Module) -> None:
@@ -77,11 +92,28 @@ def _zero_(module: torch.nn.Module) -> None:
         torch.nn.init.zeros_(parameter)
 
 
-def _mix(spatial: torch.Tensor, residual: torch.Tensor, blender: AlphaBlender, layout: FrameLayout) -> torch.Tensor:
-    """`spatial + (1 - alpha) * residual`, alpha per frame (1 for image-only frames)."""
-    alpha = blender.get_alpha(layout.image_only_indicator, ndims=3).to(spatial.dtype)
-    alpha = alpha.reshape(-1, *([1] * (spatial.ndim - 1)))  # a scalar, or one value per frame of the flat batch
-    return spatial + (1.0 - alpha) * residual
+def _mix(spatial: torch.Tensor, residual: torch.Tensor, blender: AlphaBlender, frames: Frames) -> torch.Tensor:
+    """`spatial + (1 - alpha) * residual`, alpha per frame; 1 for image-only frames whatever the merge strategy
+    (diffusers' AlphaBlender honours the indicator only for `learned_with_images`)."""
+    image_only = frames.image_only_indicator.reshape(-1).bool()
+    alpha = blender.get_alpha(frames.image_only_indicator, ndims=3).reshape(-1).to(spatial.dtype)
+    alpha = torch.where(image_only, torch.ones_like(alpha), alpha.expand(image_only.shape[0]))
+    return spatial + (1.0 - alpha.reshape(-1, *([1] * (spatial.ndim - 1)))) * residual
+
+
+class _CheckpointedWrapper(torch.nn.Module):
+    """Gradient checkpointing of a whole wrapper (spatial block + temporal layers), with the pass's `Frames` given
+    as an argument: the recomputation during backward then uses this pass's frames, not whatever pass ran last.
+    `VideoLDMUNet` switches the 2D blocks' own checkpointing of these wrappers off for that reason."""
+
+    gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        frames = None if self.layout.disabled else self.layout.current
+        run = functools.partial(self._run, frames=frames, **kwargs)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(run, hidden_states, *args)
+        return run(hidden_states, *args)
 
 
 class TemporalConvBlock(torch.nn.Module):
@@ -110,7 +142,7 @@ class TemporalConvBlock(torch.nn.Module):
         return self.conv2(F.silu(self.norm2(hidden)))
 
 
-class SpatioTemporalResnet(torch.nn.Module):
+class SpatioTemporalResnet(_CheckpointedWrapper):
     """A 2D UNet's own `ResnetBlock2D` (`spatial`) followed by a temporal conv block mixed in by alpha."""
 
     def __init__(
@@ -125,21 +157,20 @@ class SpatioTemporalResnet(torch.nn.Module):
         )
         self.temporal_blender = AlphaBlender(alpha, merge_strategy)
 
-    def forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor] = None, *args, **kwargs):
+    def _run(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor] = None, *args, frames=None, **kwargs):
         hidden = self.spatial(input_tensor, temb, *args, **kwargs)
-        frames = self.layout.num_frames
         if frames is None:
             return hidden
         batch_frames, channels, height, width = hidden.shape
         # contiguous: torch's CPU GroupNorm takes a permuted 5-D tensor for channels-last and its backward kernel
         # for that layout crashed (segfault, torch 2.13 CPU) in training
-        video = hidden.reshape(-1, frames, channels, height, width).permute(0, 2, 1, 3, 4).contiguous()
-        video_temb = temb.reshape(-1, frames, temb.shape[-1]) if temb is not None else None
+        video = hidden.reshape(-1, frames.num_frames, channels, height, width).permute(0, 2, 1, 3, 4).contiguous()
+        video_temb = temb.reshape(-1, frames.num_frames, temb.shape[-1]) if temb is not None else None
         residual = self.temporal_conv(video, video_temb).permute(0, 2, 1, 3, 4).reshape(hidden.shape)
-        return _mix(hidden, residual, self.temporal_blender, self.layout)
+        return _mix(hidden, residual, self.temporal_blender, frames)
 
 
-class SpatioTemporalTransformer(torch.nn.Module):
+class SpatioTemporalTransformer(_CheckpointedWrapper):
     """A 2D UNet's own `Transformer2DModel` (`spatial`) followed by a temporal transformer over frames at each
     spatial position (diffusers' `TemporalBasicTransformerBlock`: self-attention over time, cross-attention to the
     video's text, feed-forward), with a sinusoidal frame-position embedding, mixed in by alpha."""
@@ -156,12 +187,7 @@ class SpatioTemporalTransformer(torch.nn.Module):
         super().__init__()
         self.spatial = spatial
         self.layout = layout
-        channels = spatial.config.in_channels
-        if channels % attention_head_dim:
-            raise ValueError(
-                f"The temporal attention splits {channels} channels into heads of `temporal_attention_head_dim`="
-                f"{attention_head_dim}, which does not divide them; pick a divisor of every block width."
-            )
+        channels = spatial.config.in_channels  # a multiple of attention_head_dim (_check_convertible)
         text_dim = spatial.config.cross_attention_dim if cross_attention else None
         self.temporal_transformer = TemporalBasicTransformerBlock(
             channels, channels, channels // attention_head_dim, attention_head_dim, cross_attention_dim=text_dim
@@ -175,14 +201,14 @@ class SpatioTemporalTransformer(torch.nn.Module):
         self.temporal_position_embedding = TimestepEmbedding(channels, channels * 4, out_dim=channels)
         self.temporal_blender = AlphaBlender(alpha, merge_strategy)
 
-    def forward(self, hidden_states: torch.Tensor, *args, return_dict: bool = True, **kwargs):
+    def _run(self, hidden_states: torch.Tensor, *args, frames=None, return_dict: bool = True, **kwargs):
         hidden = self.spatial(hidden_states, *args, return_dict=False, **kwargs)[0]
-        frames = self.layout.num_frames
         if frames is not None:
             hidden = self._add_temporal(hidden, frames)
         return Transformer2DModelOutput(sample=hidden) if return_dict else (hidden,)
 
-    def _add_temporal(self, hidden: torch.Tensor, frames: int) -> torch.Tensor:
+    def _add_temporal(self, hidden: torch.Tensor, layout: Frames) -> torch.Tensor:
+        frames = layout.num_frames
         batch_frames, channels, height, width = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(batch_frames, height * width, channels)
         positions = torch.arange(frames, device=hidden.device).repeat(batch_frames // frames)
@@ -191,10 +217,10 @@ class SpatioTemporalTransformer(torch.nn.Module):
         text = None
         if self.temporal_transformer.attn2 is not None:
             # one text per video, for each of its height * width temporal sequences
-            text = self.layout.text.repeat_interleave(height * width, dim=0)
+            text = layout.text.repeat_interleave(height * width, dim=0)
         tokens_out = self.temporal_transformer(tokens_in, frames, encoder_hidden_states=text)
         residual = (tokens_out - tokens_in).reshape(batch_frames, height, width, channels).permute(0, 3, 1, 2)
-        return _mix(hidden, residual, self.temporal_blender, self.layout)
+        return _mix(hidden, residual, self.temporal_blender, layout)
 
 
 class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
@@ -246,8 +272,9 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
         processors stay as they are) and add temporal layers.
 
         The given `unet` keeps working as an image model: called directly, its wrapped blocks skip the temporal
-        layers. `temporal_layers`: a folder written by `save_temporal_layers` to load them from. Other keyword
-        arguments are this class's temporal settings (`num_frames`, `max_frames`, ...).
+        layers. `temporal_layers`: a folder written by `save_temporal_layers` (or a Hub repository holding one) to
+        load them from, built with the settings saved there. Other keyword arguments are this class's temporal
+        settings (`num_frames`, `max_frames`, ...).
         """
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(
@@ -257,6 +284,10 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
             )
         if any(isinstance(module, (SpatioTemporalResnet, SpatioTemporalTransformer)) for module in unet.modules()):
             raise ValueError("This UNet already has temporal layers (it belongs to a VideoLDMUNet).")
+        if temporal_layers is not None:  # build with the settings the layers were saved with, unless overridden
+            with open(_resolve_file(temporal_layers, TEMPORAL_CONFIG_NAME, {})) as file:
+                saved = json.load(file)
+            temporal_settings = {**{k: saved[k] for k in _default_settings() if k in saved}, **temporal_settings}
         model = cls.__new__(cls)
         ModelMixin.__init__(model)
         unet_config = {key: value for key, value in unet.config.items() if not key.startswith("_")}
@@ -274,6 +305,15 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
         if temporal_layers is not None:
             model.load_temporal_layers(temporal_layers)
         return model
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        # The wrappers checkpoint themselves, with their pass's frames as an argument; the 2D blocks' own
+        # checkpointing (down/mid/up blocks, which call the wrappers) stays off so that nothing recomputes a wrapper
+        # with another pass's frames. The spatial transformers still checkpoint their inner blocks.
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func or torch.utils.checkpoint.checkpoint)
+        for module in self.unet.modules():
+            if hasattr(module, "gradient_checkpointing") and hasattr(module, "resnets"):
+                module.gradient_checkpointing = False
 
     # ------------------------------------------------------------------------------------------- temporal layers
 
@@ -297,11 +337,11 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
     def temporal_layers_disabled(self):
         """Within this context every frame is treated as image-only, so the model is exactly the image model applied
         frame by frame (the baseline to measure the temporal layers against, with the same noise)."""
-        self._temporal_layers_off = True
+        previous, self.layout.disabled = self.layout.disabled, True  # this thread only
         try:
             yield self
         finally:
-            self._temporal_layers_off = False
+            self.layout.disabled = previous
 
     def freeze_spatial(self) -> None:
         """Train only the temporal layers: the image model's parameters stop requiring gradients."""
@@ -362,8 +402,6 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
                         f"model needs {tuple(parameter.shape)}: the base UNets differ."
                     )
                 parameter.copy_(weights[name])
-        for key in ("num_frames", "max_frames"):
-            self.register_to_config(**{key: saved.get(key, ours[key])})
 
     # ------------------------------------------------------------------------------------------------- forward
 
@@ -399,8 +437,6 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
                 f"{tuple(encoder_hidden_states.shape)}."
             )
         indicator = self._image_only_indicator(image_only_indicator, batch, frames, sample.device)
-        if getattr(self, "_temporal_layers_off", False):
-            indicator = torch.ones_like(indicator)
 
         def per_frame(value):  # one row per video -> one row per frame, the flat batch's order
             return value.repeat_interleave(frames, dim=0) if value is not None else None
@@ -408,7 +444,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
         flat_timestep = _per_frame_timesteps(timestep, batch, frames, sample.device)
         added = {key: per_frame(value) for key, value in added_cond_kwargs.items()} if added_cond_kwargs else None
         flat = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
-        self.layout.set(frames, indicator, encoder_hidden_states)
+        self.layout.current = Frames(frames, indicator, encoder_hidden_states)
         try:
             output = self.unet(
                 flat,
@@ -423,10 +459,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
                 return_dict=False,
             )[0]
         finally:
-            # gradient checkpointing recomputes blocks during backward and needs the layout then; otherwise clear
-            # it, so that the wrapped 2D UNet called on its own is the image model again
-            if not (self.is_gradient_checkpointing and torch.is_grad_enabled()):
-                self.layout.set(None)
+            self.layout.current = None  # the wrapped 2D UNet called on its own is the image model again
         output = output.reshape(batch, frames, -1, height, width).permute(0, 2, 1, 3, 4)
         return VideoLDMUNetOutput(sample=output) if return_dict else (output,)
 
@@ -483,31 +516,46 @@ def _check_temporal_settings(num_frames, max_frames, kernel_size, merge_strategy
         raise ValueError(f"Unknown `merge_strategy` {merge_strategy!r}; choose one of {MERGE_STRATEGIES}.")
 
 
-def _insert_temporal_layers(unet: UNet2DConditionModel, layout: FrameLayout, settings) -> None:
-    """Wrap every resnet and spatial transformer of `unet` in place."""
+def _check_convertible(unet: UNet2DConditionModel, settings) -> list:
+    """Every block of `unet` that gets temporal layers, checked before any is wrapped (so that a refused conversion
+    leaves the UNet as it was)."""
     if settings.temporal_cross_attention and unet.config.encoder_hid_dim_type is not None:
         raise ValueError(
             "This UNet projects its text (`encoder_hid_dim_type` is set), so the temporal cross-attention would see "
             "another width than its spatial one; build with temporal_cross_attention=False."
         )
-    blocks = list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
-    for block in [block for block in blocks if block is not None]:
-        for index, resnet in enumerate(getattr(block, "resnets", [])):
+    blocks = [block for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if block is not None]
+    for block in blocks:
+        for resnet in getattr(block, "resnets", []):
             if type(resnet) is not ResnetBlock2D:
                 raise ValueError(
                     f"Cannot add a temporal block after a {type(resnet).__name__} in {type(block).__name__}: "
                     "VideoLDMUNet converts UNets made of ResnetBlock2D and Transformer2DModel blocks (the Stable "
                     "Diffusion family)."
                 )
-            block.resnets[index] = SpatioTemporalResnet(
-                resnet, layout, settings.temporal_conv_kernel_size, settings.merge_strategy, settings.mix_factor
-            )
-        for index, attention in enumerate(getattr(block, "attentions", [])):
+        for attention in getattr(block, "attentions", []):
             if type(attention) is not Transformer2DModel:
                 raise ValueError(
                     f"Cannot add temporal attention after a {type(attention).__name__} in {type(block).__name__}: "
                     "only Transformer2DModel spatial blocks are supported."
                 )
+            if attention.config.in_channels % settings.temporal_attention_head_dim:
+                raise ValueError(
+                    f"The temporal attention splits {attention.config.in_channels} channels into heads of "
+                    f"`temporal_attention_head_dim`={settings.temporal_attention_head_dim}, which does not divide "
+                    "them; pick a divisor of every block width."
+                )
+    return blocks
+
+
+def _insert_temporal_layers(unet: UNet2DConditionModel, layout: FrameLayout, settings) -> None:
+    """Wrap every resnet and spatial transformer of `unet` in place."""
+    for block in _check_convertible(unet, settings):
+        for index, resnet in enumerate(getattr(block, "resnets", [])):
+            block.resnets[index] = SpatioTemporalResnet(
+                resnet, layout, settings.temporal_conv_kernel_size, settings.merge_strategy, settings.mix_factor
+            )
+        for index, attention in enumerate(getattr(block, "attentions", [])):
             block.attentions[index] = SpatioTemporalTransformer(
                 attention,
                 layout,
@@ -541,6 +589,11 @@ def _resolve_file(folder_or_repo, filename: str, hub_kwargs: dict) -> str:
                 f"{path} is missing: write temporal layers with VideoLDMUNet.save_temporal_layers."
             )
         return path
+    looks_like_path = (
+        folder_or_repo.startswith(("/", ".", "~")) or folder_or_repo.count("/") > 1 or "\\" in folder_or_repo
+    )
+    if looks_like_path:
+        raise FileNotFoundError(f"No temporal-layers folder at {folder_or_repo} (nor is it a Hub repository id).")
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(folder_or_repo, filename, **hub_kwargs)

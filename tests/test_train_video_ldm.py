@@ -118,6 +118,8 @@ def test_video_folder_with_frame_stride_and_spatial_lora_with_image_batches(imag
     assert not torch.equal(query, base.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight)
     metrics = json.loads((lora / "train_metrics.json").read_text())
     assert metrics["trainable_parameters"] > metrics["temporal_parameters"]
+    temporal = pipe.unet.temporal_parameters()  # trained too (peft would leave only the adapters trainable)
+    assert all(temporal[name].abs().max() > 0 for name in temporal if name.endswith("temporal_conv.conv2.weight"))
 
 
 @pytest.mark.parametrize(

@@ -183,8 +183,8 @@ def test_perturbed_temporal_layers_change_video_frames_but_not_image_only_frames
 
 @pytest.mark.parametrize("merge_strategy", ["learned", "fixed"])
 def test_temporal_layers_disabled_gives_the_image_model_for_every_merge_strategy(base_unets, merge_strategy):
-    """BUG (reported): `temporal_layers_disabled()` only marks frames image-only, which AlphaBlender honours for
-    `learned_with_images` alone; with `learned` or `fixed` the temporal layers stay on inside the context."""
+    """`temporal_layers_disabled()` is the image model for every merge strategy (AlphaBlender itself honours the
+    image-only indicator for `learned_with_images` alone)."""
     model = wrapped(base_unets, perturbed=True, merge_strategy=merge_strategy)
     kwargs = inputs(model.unet)
     image_model = per_frame_2d(model.unet, **kwargs)
@@ -286,9 +286,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(base_unets):
 
 
 def test_gradient_checkpointing_with_two_forwards_before_backward(base_unets):
-    """BUG (reported): with gradient checkpointing the blocks are recomputed during backward from the model's shared
-    frame layout, which holds the *last* forward's text and image_only_indicator; a loss over two forwards (two clips,
-    image + video batches of joint training) gets wrong gradients for the first one."""
+    """With gradient checkpointing each wrapper is recomputed during backward with its own pass's frames, text and
+    image_only_indicator: a loss over two forwards (two clips, image + video batches of joint training) gets the
+    gradients it gets without checkpointing."""
     model = wrapped(base_unets, perturbed=True).train()
     kwargs = inputs(model.unet)
     second = dict(
@@ -314,9 +314,8 @@ def test_gradient_checkpointing_with_two_forwards_before_backward(base_unets):
 
 
 def test_wrapped_2d_unet_is_the_image_model_after_a_checkpointed_training_forward(base_unets):
-    """BUG (reported): with gradient checkpointing, a training forward leaves the frame layout set (backward needs
-    it), so the wrapped 2D UNet called on its own afterwards (e.g. for validation images) is not the image model:
-    it runs the temporal layers on its batch, or fails to reshape it."""
+    """After a checkpointed training forward the wrapped 2D UNet called on its own (e.g. for validation images) is
+    the image model: no frame layout is left behind."""
     unet = copy.deepcopy(base_unets["text"])
     flat = torch.randn(
         4, CHANNELS, SIZE, SIZE, generator=torch.Generator().manual_seed(3)
@@ -337,9 +336,9 @@ def test_wrapped_2d_unet_is_the_image_model_after_a_checkpointed_training_forwar
 
 
 def test_concurrent_forwards_on_one_model_do_not_share_frame_state(base_unets):
-    """BUG (reported): the frame layout (frames, text, image_only_indicator) of a forward is kept on the shared model,
-    so two threads using one VideoLDMUNet (one pipeline, or `from_pipe` per request as the serving guide recommends)
-    change each other's results. The interleaving is forced: A waits in its mid block while B runs a whole forward."""
+    """The frame layout (frames, text, image_only_indicator) of a forward is per thread, so two threads using one
+    VideoLDMUNet (one pipeline, or `from_pipe` per request as the serving guide recommends) do not change each other's
+    results. The interleaving is forced: A waits in its mid block while B runs a whole forward."""
     model = wrapped(base_unets, perturbed=True)
     first = inputs(model.unet, seed=1)
     second = inputs(model.unet, seed=2)
@@ -552,9 +551,9 @@ def test_bad_temporal_settings(base_unets, settings, match):
 
 
 def test_failed_from_unet2d_leaves_the_unet_unchanged(base_unets):
-    """BUG (reported): a block width that `temporal_attention_head_dim` does not divide is found after the blocks
-    before it were wrapped, so the user's UNet is left half converted, and converting it again with valid settings
-    fails with "This UNet already has temporal layers"."""
+    """Every block is checked before any is wrapped: a refused conversion (a block width that
+    `temporal_attention_head_dim` does not divide) leaves the user's UNet as it was, and a retry with valid settings
+    works."""
     unet = copy.deepcopy(base_unets["text"])
     with pytest.raises(ValueError, match="does not divide"):
         VideoLDMUNet.from_unet2d(unet, **{**TEMPORAL, "temporal_attention_head_dim": 3})
@@ -582,4 +581,4 @@ def test_bad_forward_inputs(base_unets):
     fails(r"`image_only_indicator` must be \(batch=2, frames=3\)", image_only_indicator=torch.ones(BATCH * FRAMES))
     fails(r"`timestep` must be a scalar, \(batch=2,\) or \(batch=2, frames=3\)", timestep=torch.tensor([1, 2, 3]))
     fails(r"`timestep` must be a scalar", timestep=torch.ones(BATCH, FRAMES + 1))
-    assert model.layout.num_frames is None  # a failed call leaves no frame layout behind
+    assert model.layout.current is None  # a failed call leaves no frame layout behind

@@ -265,11 +265,16 @@ def build_video_unet(args, unet2d):
 
         unet.add_adapter(LoraConfig(r=args.spatial_lora_rank, lora_alpha=args.spatial_lora_rank,
                                     init_lora_weights="gaussian", target_modules=SPATIAL_LORA_TARGETS))  # fmt: skip
+        # peft leaves only the adapters trainable: the temporal layers must stay so
+        for parameter in unet.temporal_parameters().values():
+            parameter.requires_grad_(True)
     return unet
 
 
 def parameter_groups(args, unet) -> list:
     temporal = list(unet.temporal_parameters().values())
+    if not all(parameter.requires_grad for parameter in temporal):
+        raise RuntimeError("Some temporal parameters do not require gradients: they would never train.")
     groups = [{"params": temporal, "lr": args.learning_rate}]
     spatial = [p for name, p in unet.named_parameters() if "lora_" in name]
     if spatial:
