@@ -20,6 +20,10 @@ from storydiff.cli import main
 
 dynamic_cfg.DEMO_SAMPLES_PER_CLASS = 2
 dynamic_cfg.DEMO_INFERENCE_STEPS = 4
+import storydiff.demo.video_ldm as video_ldm
+
+video_ldm.DEMO_NUM_CAPTIONS = 4
+video_ldm.DEMO_INFERENCE_STEPS = 3
 sys.exit(main(["demo", "--output-dir", sys.argv[1]]))
 """
 
@@ -51,6 +55,12 @@ def test_demo_command_writes_the_grid_and_the_metrics_table_from_a_plain_install
     assert (output_dir / "director_trajectories.png").stat().st_size > 0
     tagger_table = (output_dir / "director_tagger.md").read_text()
     assert all(f"| {prompt} |" in tagger_table for prompt in DEMO_PROMPTS)
+    # the Video LDM section: frame strips, a GIF, the extension figure and its table
+    with PIL.Image.open(output_dir / "video_ldm.gif") as gif:
+        assert gif.n_frames == 8
+    video_table = (output_dir / "video_ldm_metrics.md").read_text()
+    assert "| Video LDM |" in video_table and "| image model per frame |" in video_table
+    assert "| reconstruction guidance |" in video_table and (output_dir / "video_ldm_extension.png").is_file()
     printed = result.stdout
     assert str(grid.resolve()) in printed and "dynamic_cfg_metrics.md" in printed
     assert "director_3_blender.py" in printed

@@ -6,6 +6,8 @@
 >>> from diffusers import StableDiffusionPipeline
 >>> from storydiff.checkpoints import text_to_image_pipeline_path
 >>> pipe = StableDiffusionPipeline.from_pretrained(text_to_image_pipeline_path())
+>>> from storydiff.checkpoints import video_ldm_pipeline
+>>> video_pipe = video_ldm_pipeline()
 """
 
 from pathlib import Path
@@ -13,11 +15,12 @@ from pathlib import Path
 _FOLDER = Path(__file__).resolve().parent
 DIGITS_CLASS_CONDITIONAL = "digits-class-conditional"
 DIGITS_TEXT_TO_IMAGE = "digits-text-to-image"
+DIGITS_VIDEO_LDM = "digits-video-ldm"
 
 
 def _is_checkpoint(path: Path) -> bool:
-    # a saved pipeline (model_index.json) or a single saved model (config.json)
-    return (path / "model_index.json").is_file() or (path / "config.json").is_file()
+    # a saved pipeline (model_index.json), a single saved model (config.json) or temporal layers alone
+    return any((path / name).is_file() for name in ("model_index.json", "config.json", "temporal_config.json"))
 
 
 def checkpoint_path(name: str) -> str:
@@ -40,3 +43,32 @@ def text_to_image_pipeline_path() -> str:
     trained by training/train_vae.py and training/train_text_to_image.py), a stock `StableDiffusionPipeline` folder;
     see its README.md for the commands and the measured caption adherence."""
     return checkpoint_path(DIGITS_TEXT_TO_IMAGE)
+
+
+def video_ldm_temporal_layers_path() -> str:
+    """The Video LDM temporal layers trained by training/train_video_ldm.py on the shipped digits text-to-image model
+    (moving digits, 8 frames of 32x32); only the temporal weights are shipped, see its README.md."""
+    return checkpoint_path(DIGITS_VIDEO_LDM)
+
+
+def video_ldm_pipeline(device: str = "cpu"):
+    """A `VideoLDMPipeline` of the shipped digits text-to-image model with the shipped temporal layers inserted
+    (`VideoLDMUNet.from_unet2d(unet, temporal_layers=...)`) and a DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from storydiff.custom_pipelines.video_ldm import VideoLDMPipeline
+    from storydiff.models.video_ldm_unet import VideoLDMUNet
+
+    base = text_to_image_pipeline_path()
+    unet = VideoLDMUNet.from_unet2d(
+        UNet2DConditionModel.from_pretrained(base, subfolder="unet"), temporal_layers=video_ldm_temporal_layers_path()
+    )
+    pipe = VideoLDMPipeline(
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        unet=unet,
+        scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"),
+    )
+    return pipe.to(device)

@@ -45,6 +45,7 @@ DEMO_SECTIONS: list[DemoSection] = [
     DemoSection(
         "Text-to-image on the digits world", "text_to_image", "storydiff.demo.text_to_image:text_to_image_demo"
     ),
+    DemoSection("Video LDM on moving digits", "video_ldm", "storydiff.demo.video_ldm:video_ldm_demo"),
 ]
 
 DEMO_CPU_THREADS = 1
