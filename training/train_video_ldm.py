@@ -155,7 +155,7 @@ from storydiff.training.checkpointing import (
 from storydiff.training.ema import create_ema, ema_weights, register_ema_checkpointing
 from storydiff.training.hub import push_folder_to_hub
 from storydiff.training.model_card import recent_loss_metric, training_command, write_model_card
-from storydiff.training.optimization import training_length
+from storydiff.training.optimization import create_optimizer_and_lr_scheduler, training_length
 from storydiff.training.run_guards import (
     check_finite_loss,
     check_finite_weights,
@@ -282,18 +282,6 @@ def parameter_groups(args, unet) -> list:
     return groups
 
 
-def create_optimizer(groups, args, accelerator, max_train_steps: int):
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(
-        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay
-    )
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)  # fmt: skip
-    return optimizer, lr_scheduler
-
-
 def make_pipeline(components: dict, unet):
     from diffusers import DDIMScheduler
 
@@ -399,7 +387,8 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_videos,
                             num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
-    optimizer, lr_scheduler = create_optimizer(groups, args, accelerator, max_train_steps)
+    # the groups carry their own learning rates (temporal; spatial LoRA lower)
+    optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(groups, args, accelerator, max_train_steps)
     settings = resume_settings(
         args,
         accelerator,
