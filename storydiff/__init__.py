@@ -22,6 +22,7 @@ _EXPORTS = {
     "DynamicClassifierFreeGuidance": "storydiff.schedulers.dynamic_guider",
     "DynamicCFGStableDiffusionPipeline": "storydiff.custom_pipelines.dynamic_cfg_stable_diffusion",
     "DynamicCFGStableDiffusionXLPipeline": "storydiff.custom_pipelines.dynamic_cfg_stable_diffusion_xl",
+    "DynamicCFGStableDiffusionControlNetPipeline": "storydiff.custom_pipelines.dynamic_cfg_stable_diffusion_controlnet",
     "ClassConditionalPipeline": "storydiff.custom_pipelines.class_conditional",
     "ClassConditionalPipelineOutput": "storydiff.custom_pipelines.class_conditional",
     "custom_pipeline_path": "storydiff.custom_pipelines",
@@ -36,6 +37,9 @@ _EXPORTS = {
     "VideoLDMUNet": "storydiff.models.video_ldm_unet",
     "VideoLDMPipeline": "storydiff.custom_pipelines.video_ldm",
     "VideoLDMPipelineOutput": "storydiff.custom_pipelines.video_ldm",
+    # ControlNet variants
+    "ControlNetFullModel": "storydiff.models.controlnet_variants",
+    "ControlNetLiteModel": "storydiff.models.controlnet_variants",
 }
 
 __all__ = sorted(_EXPORTS)
