@@ -1,5 +1,5 @@
 """Tiny instances of every storydiff pipeline and one way to call them, for the tests/test_pipeline_contracts_*.py
-files: each contract (callbacks, loading, threads, input checks) is tested on all four pipelines with the same code.
+files: each contract (callbacks, loading, threads, input checks) is tested on all the pipelines with the same code.
 
     case = PIPELINE_CASES["director"]
     pipe = case.build(tmp_path)
@@ -13,11 +13,14 @@ import numpy as np
 import torch
 from test_class_conditional_pipeline import unet_pipeline
 from test_director_pipeline import tiny_pipeline as tiny_director_pipeline
+from test_dynamic_cfg_controlnet_pipeline import condition as control_condition
+from test_dynamic_cfg_controlnet_pipeline import tiny_controlnet
 from tiny_stable_diffusion import tiny_sd_components, tiny_sdxl_components
 
 from storydiff import (
     ClassConditionalPipeline,
     DirectorPipeline,
+    DynamicCFGStableDiffusionControlNetPipeline,
     DynamicCFGStableDiffusionPipeline,
     DynamicCFGStableDiffusionXLPipeline,
 )
@@ -60,6 +63,11 @@ def _sdxl(tmp_path):
     return DynamicCFGStableDiffusionXLPipeline(**tiny_sdxl_components(tmp_path / "sdxl"))
 
 
+def _sd_controlnet(tmp_path):
+    components = tiny_sd_components(tmp_path / "sd_controlnet")
+    return DynamicCFGStableDiffusionControlNetPipeline(**components, controlnet=tiny_controlnet(components["unet"]))
+
+
 PROMPTS = ["the cat", "a dog"]
 CAPTIONS = ["trucks left", "pushes in"]
 
@@ -97,6 +105,15 @@ PIPELINE_CASES = {
         "dynamic_cfg_stable_diffusion_xl",
         _sdxl,
         lambda batch: {"prompt": PROMPTS[:batch], "output_type": "latent"},
+        lambda out: out.images,
+        lambda batch: (batch, 4, 16, 16),
+    ),
+    "sd_controlnet": PipelineCase(
+        "sd_controlnet",
+        DynamicCFGStableDiffusionControlNetPipeline,
+        "dynamic_cfg_stable_diffusion_controlnet",
+        _sd_controlnet,
+        lambda batch: {"prompt": PROMPTS[:batch], "image": control_condition(), "output_type": "latent"},
         lambda out: out.images,
         lambda batch: (batch, 4, 16, 16),
     ),

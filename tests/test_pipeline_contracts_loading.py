@@ -1,6 +1,6 @@
 """Saved storydiff pipelines load through every diffusers entry point: the class itself, plain
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` and `custom_pipeline=`; the shipped checkpoints too.
-The dynamic-CFG SD / SDXL pipelines save stock folders, which plain loading reads as the stock class.
+The dynamic-CFG SD / SDXL / SD-ControlNet pipelines save stock folders, which plain loading reads as the stock class.
 """
 
 import json
@@ -13,7 +13,7 @@ from pipeline_contracts_fixtures import PIPELINE_CASES, STEPS, _tensor
 
 from storydiff import ClassConditionalPipeline, DirectorPipeline, custom_pipeline_path
 from storydiff.checkpoints import checkpoint_path
-from storydiff.pipeline_mixins import CLASS_MODULE_NAME, stock_pipeline_class
+from storydiff.pipeline_mixins import CLASS_MODULE_NAME, SavedAsStockPipelineMixin, stock_pipeline_class
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,7 +32,8 @@ def test_saved_folder_loads_through_every_entry_point(name, tmp_path):
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
     expected = case.call(pipe, batch=1, guidance_scale=3.0)
-    if case.name in ("sd", "sdxl"):
+    extends_stock = issubclass(case.pipeline_class, SavedAsStockPipelineMixin)  # SD, SDXL, SD + ControlNet
+    if extends_stock:
         # extends a stock pipeline with the same components: the folder is a stock folder that every loader reads
         # without trust_remote_code, the stock class for plain DiffusionPipeline (static CFG is the same there)
         assert index["_class_name"] == stock_pipeline_class(case.pipeline_class).__name__
@@ -61,7 +62,7 @@ def test_saved_folder_loads_through_every_entry_point(name, tmp_path):
     for how, load in loaders.items():
         loaded = load()
         loaded.set_progress_bar_config(disable=True)
-        if how == "custom_pipeline" and case.name in ("sd", "sdxl"):  # diffusers imports the file itself
+        if how == "custom_pipeline" and extends_stock:  # diffusers imports the file itself
             assert type(loaded).__name__ == case.pipeline_class.__name__
         else:  # the storydiff class itself, not a copy of its file
             assert type(loaded) is case.pipeline_class, how
