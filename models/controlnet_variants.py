@@ -28,6 +28,9 @@ from diffusers.models.controlnets.controlnet import (
     ControlNetOutput,
     zero_module,
 )
+
+# diffusers' pipeline loader looks for a component's base class (ModelMixin) in the component's own module
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from torch import nn
 
 CONNECTIONS = ("all", "mid_block")

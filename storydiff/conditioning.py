@@ -13,7 +13,7 @@ a torch tensor (H, W) or (C, H, W). Values are uint8 (0..255), uint16 (0..65535)
 `output_type` picks what comes back: "np" (numpy, (H, W) for one channel), "pil" or "pt" (float32 (C, H, W) in
 [0, 1], ready for `prepare_condition` or a ControlNet).
 
-Only `canny_edges` needs OpenCV (`pip install opencv-python-headless`); the rest uses numpy and scipy.
+Only `canny_edges` needs OpenCV (opencv-python-headless, a storydiff dependency); the rest uses numpy and scipy.
 """
 
 import math
@@ -175,8 +175,8 @@ def canny_edges(
         import cv2
     except ImportError as error:
         raise ImportError(
-            "canny_edges needs OpenCV, which a plain `pip install storydiff` does not include: "
-            "pip install opencv-python-headless. Or use edge_map, which needs no install."
+            "canny_edges needs OpenCV (a storydiff dependency, missing from this environment): "
+            "pip install opencv-python-headless. Or use edge_map, which needs no OpenCV."
         ) from error
     colour = _colour_channels(_as_float_array(image, "image"), "image")
     pixels = np.rint(colour * 255.0).astype(np.uint8)

