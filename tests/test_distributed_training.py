@@ -160,3 +160,22 @@ def test_video_ldm_two_processes_kill_and_resume(tmp_path):
     ]  # fmt: skip
     kill_resume_and_compare(tmp_path, "train_video_ldm.py", common, kill_after=2,
                             weights="unet/diffusion_pytorch_model.safetensors")  # fmt: skip
+
+
+def test_controlnet_two_processes_kill_and_resume(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from tiny_stable_diffusion import tiny_sd_components
+
+    base_model = tmp_path / "base"
+    components = tiny_sd_components(tmp_path / "parts", sample_size=12)
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(base_model)
+    common = [
+        "--pretrained_model_name_or_path", str(base_model), "--dataset", "digits_world", "--resolution", "24",
+        "--num_world_samples", "16", "--digits_conditions", "edges,position_colour", "--unlock", "decoder",
+        "--conditioning_embedding_out_channels", "4,8", "--train_batch_size", "2", "--gradient_accumulation_steps",
+        "2", "--max_train_steps", "5", "--checkpointing_steps", "2", "--num_validation_examples", "1",
+        "--num_validation_images", "1", "--validation_inference_steps", "1", "--num_evaluation_images", "2",
+        "--report_to", "none",
+    ]  # fmt: skip
+    kill_resume_and_compare(tmp_path, "train_controlnet.py", common, kill_after=2,
+                            weights="controlnet/diffusion_pytorch_model.safetensors")  # fmt: skip

@@ -36,7 +36,7 @@ from storydiff.training.sample_grids import labelled_grid
 TRAINING = Path(__file__).resolve().parents[1] / "training"
 SCRIPTS = [
     "train_class_conditional.py", "train_director.py", "train_clatr.py", "train_digit_classifier.py",
-    "train_vae.py", "train_text_to_image.py", "train_video_ldm.py",
+    "train_vae.py", "train_text_to_image.py", "train_video_ldm.py", "train_controlnet.py",
 ]  # fmt: skip
 TINY = [
     "--dataset", "digits", "--resolution", "16", "--block_out_channels", "8,16", "--norm_num_groups", "4",

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from storydiff.conditioning import canny_edges, position_mask, prepare_condition
 from storydiff.training.text_image_data import image_to_tensor
 
-DIGITS_CONDITIONS = {"edges": 1, "position_colour": 3}  # name -> channels
+DIGITS_CONDITION_KINDS = ("edges", "position_colour")
 # Canny thresholds for the digits world's 32x32 antialiased canvases: the glyph outline, not the antialiasing ramp
 DIGITS_CANNY_THRESHOLDS = (100, 200)
 
@@ -50,9 +50,9 @@ def digit_boxes(canvas: np.ndarray, attributes_list) -> tuple[list, list]:
 
 def digits_world_conditions(canvases: np.ndarray, attributes: Sequence, kinds: Sequence[str]) -> np.ndarray:
     """Conditions of uint8 (N, H, W, 3) canvases, concatenated in the order of `kinds`: float32 (N, C, H, W)."""
-    unknown = [kind for kind in kinds if kind not in DIGITS_CONDITIONS]
+    unknown = [kind for kind in kinds if kind not in DIGITS_CONDITION_KINDS]
     if unknown:
-        raise ValueError(f"Unknown digits-world condition(s) {unknown}; choose from {sorted(DIGITS_CONDITIONS)}.")
+        raise ValueError(f"Unknown digits-world condition(s) {unknown}; choose from {DIGITS_CONDITION_KINDS}.")
     resolution = canvases.shape[1]
     maps = []
     for canvas, attributes_list in zip(canvases, attributes):

@@ -3,7 +3,7 @@ conditions) for a Stable-Diffusion-shaped pipeline.
 
     # the paper's full ControlNet on Canny edges of an image folder with a conditioning_image column
     accelerate launch training/train_controlnet.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --dataset_name user/fill50k --conditioning_image_column conditioning_image --resolution 512 --output_dir out
+        --train_data_dir photos --conditioning_image_column conditioning_image --resolution 512 --output_dir out
     # in miniature: a lite, mid-block-only ControlNet on the digits world's edges, for the shipped digits model
     accelerate launch training/train_controlnet.py --pretrained_model_name_or_path storydiff/checkpoints/digits-text-to-image \\
         --dataset digits_world --digits_conditions edges --variant lite --connect mid_block --output_dir digits-cn
@@ -12,7 +12,8 @@ Variants (Zhang et al., ICCV 2023): `--variant full` trains a copy of the UNet's
 `lite` one convolution per encoder layer (`ControlNetLiteModel`); `--connect mid_block` connects only the middle
 block (the paper's small-scale mode); `--unlock decoder` also trains the UNet's up blocks and output layers (the
 original `sd_locked=False`), `all` the whole UNet (storydiff's extension), both at `--unlocked_learning_rate`.
-Several `--conditioning_image_column`s (or `--digits_conditions edges,position_colour`) train one ControlNet on their
+An image folder's `metadata.jsonl` names each condition image with a `<column>_file_name` key (datasets reads it as
+the image column `<column>`). Several `--conditioning_image_column`s (or `--digits_conditions edges,position_colour`) train one ControlNet on their
 channel concatenation with Uni-ControlNet's per-condition dropout. The output folder is a whole
 `StableDiffusionControlNetPipeline` (the stock class and storydiff's `DynamicCFGStableDiffusionControlNetPipeline`
 load it) with the ControlNet in `controlnet/`; on the digits world the model card records edge IoU, caption
@@ -43,6 +44,8 @@ VARIANTS = ("full", "lite")
 CONNECTIONS = ("all", "mid_block")
 UNLOCK_MODES = ("none", "decoder", "all")
 DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' default, truncated to the VAE's downsampling
+# the conditions derived from digits-world canvases (training/controlnet_data.py) and their channels
+DIGITS_CONDITIONS = {"edges": 1, "position_colour": 3}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -115,8 +118,6 @@ def check_controlnet_arguments(args: argparse.Namespace) -> None:
                                                             args.conditioning_embedding_out_channels, minimum=1)  # fmt: skip
     args.digits_conditions = [kind.strip() for kind in args.digits_conditions.split(",") if kind.strip()]
     if args.dataset == DIGITS_WORLD:
-        from storydiff.training.controlnet_data import DIGITS_CONDITIONS
-
         unknown = [kind for kind in args.digits_conditions if kind not in DIGITS_CONDITIONS]
         if unknown or not args.digits_conditions or len(set(args.digits_conditions)) != len(args.digits_conditions):
             raise ValueError(f"--digits_conditions must be distinct names from {sorted(DIGITS_CONDITIONS)}, got "
@@ -155,7 +156,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from storydiff.atomic_files import atomic_write, save_folder_atomically
+from storydiff.atomic_files import save_folder_atomically
 from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.checkpointing import (
     SeededEpochSampler,
@@ -167,7 +168,6 @@ from storydiff.training.checkpointing import (
     save_checkpoint,
 )
 from storydiff.training.controlnet_data import (
-    DIGITS_CONDITIONS,
     ImageConditionDataset,
     collate_image_conditions,
     condition_dropout_mask,
@@ -617,7 +617,8 @@ def save_output(args, argv, pipeline, model, metrics, dataset_id, condition_name
             json.dump(metrics, file, indent=2)
         history = read_history(history_path)
         if history:
-            atomic_write(os.path.join(folder, "evaluation_history.json"), json.dumps(history, indent=1))
+            with open(os.path.join(folder, "evaluation_history.json"), "w") as file:
+                json.dump(history, file, indent=1)
         conditions = ", ".join(
             f"{name} ({count} channel{'s' if count > 1 else ''})" for name, count in zip(condition_names, channels)
         )
