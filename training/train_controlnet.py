@@ -314,9 +314,11 @@ def generate(
     num_inference_steps: int,
     seed: int,
     channels: Optional[list] = None,
+    **call_kwargs,
 ):
     """Images (N, H, W, 3) in [0, 1] for each caption and its condition, in batches, with a fixed seed. With several
-    ControlNets (`MultiControlNetModel`), `channels` splits the concatenated conditions between them."""
+    ControlNets (`MultiControlNetModel`), `channels` splits the concatenated conditions between them; `call_kwargs`
+    go to the pipeline call (e.g. `controlnet_conditioning_scale`)."""
     pipeline.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(captions), 64):
@@ -325,7 +327,7 @@ def generate(
         image = list(batch.split(channels, dim=1)) if channels is not None and len(channels) > 1 else batch
         images.append(pipeline(list(captions[start : start + 64]), image=image, guidance_scale=guidance_scale,
                                num_inference_steps=num_inference_steps, generator=generator, output_type="np",
-                               height=batch.shape[-2], width=batch.shape[-1]).images)  # fmt: skip
+                               height=batch.shape[-2], width=batch.shape[-1], **call_kwargs).images)  # fmt: skip
     return np.concatenate(images)
 
 
