@@ -81,16 +81,35 @@ class SavedPipelineClassMixin:
         return config
 
 
-class SavedAsStockPipelineMixin:
-    """For storydiff pipelines that extend a stock one and keep its components (the dynamic-CFG SD and SDXL pipelines):
-    `model_index.json` names the stock class (`StableDiffusionPipeline`), so a saved folder is an ordinary diffusers
-    folder that the stock class, plain `DiffusionPipeline.from_pretrained`, other tools and the storydiff class itself
-    (`DynamicCFGStableDiffusionPipeline.from_pretrained(folder)`) all load without `trust_remote_code`."""
+class SavedAsStockPipelineMixin(SavedPipelineClassMixin):
+    """For storydiff pipelines that extend a stock one and keep its components (the dynamic-CFG SD, SDXL and ControlNet
+    pipelines): `model_index.json` names the stock class (`StableDiffusionPipeline`), so a saved folder is an ordinary
+    diffusers folder that the stock class, plain `DiffusionPipeline.from_pretrained`, other tools and the storydiff
+    class itself (`DynamicCFGStableDiffusionPipeline.from_pretrained(folder)`) all load without `trust_remote_code`.
+
+    Unless a component is storydiff's own (a `ControlNetLiteModel`, say): diffusers then has to import storydiff to
+    load the folder, which the stock class name would never do, so the folder is saved as `SavedPipelineClassMixin`
+    saves it (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` imports the storydiff class, and with
+    it the component's module)."""
+
+    def _has_storydiff_components(self) -> bool:
+        for component in self.components.values():
+            parts = getattr(component, "nets", [component])  # a MultiControlNetModel holds its ControlNets in `nets`
+            if any(type(part).__module__.startswith("storydiff.") for part in parts):
+                return True
+        return False
 
     def to_json_string(self) -> str:
-        config = json.loads(super().to_json_string())
+        if self._has_storydiff_components():
+            return super().to_json_string()
+        config = json.loads(super(SavedPipelineClassMixin, self).to_json_string())
         config["_class_name"] = stock_pipeline_class(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        if self._has_storydiff_components():
+            return super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return super(SavedPipelineClassMixin, self).save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 def stock_pipeline_class(pipeline_class: type) -> type:

@@ -133,12 +133,13 @@ def test_an_image_folder_with_two_condition_columns(base_model, tmp_path):
     args = ["--pretrained_model_name_or_path", str(base_model), "--train_data_dir", str(folder), "--resolution", "24",
             "--train_batch_size", "2", "--conditioning_embedding_out_channels", "4,8", "--validation_inference_steps",
             "1", "--num_validation_examples", "1", "--num_validation_images", "1", "--torch_num_threads", "1",
-            "--report_to", "none", "--max_train_steps", "2", "--conditioning_image_column", "edges", "seg"]  # fmt: skip
+            "--report_to", "none", "--max_train_steps", "2", "--random_flip", "--conditioning_image_column", "edges",
+            "seg"]  # fmt: skip
     out = Path(train_controlnet([*args, "--output_dir", str(tmp_path / "out"), "--conditioning_channels", "4"]))
     assert (
         DynamicCFGStableDiffusionControlNetPipeline.from_pretrained(out).controlnet.config.conditioning_channels == 4
     )
-    with pytest.raises(ValueError, match="make 4 channels"):
+    with pytest.raises(ValueError, match=r"make 4 channel\(s\)"):
         train_controlnet([*args, "--output_dir", str(tmp_path / "out2"), "--conditioning_channels", "3"])
     with pytest.raises(ValueError, match="depth"):
         train_controlnet([*args[:-2], "depth", "--output_dir", str(tmp_path / "out3")])
@@ -180,7 +181,7 @@ def test_condition_dropout_probabilities():
         (["--proportion_empty_prompts", "1.5"], "probability"),
         (["--unlocked_learning_rate", "nan"], "unlocked_learning_rate"),
         (["--resolution", "25"], "divisible"),
-        (["--conditioning_channels", "3"], "make 1 channels"),
+        (["--conditioning_channels", "3"], r"make 1 channel\(s\)"),
     ],
 )
 def test_bad_arguments_are_refused_before_training(base_model, tmp_path, extra, match):
@@ -196,3 +197,23 @@ def test_unlock_decoder_needs_up_blocks(base_model, tmp_path, monkeypatch):
     unet.up_blocks = torch.nn.ModuleList()
     with pytest.raises(ValueError, match="needs a UNet with up blocks"):
         script.unlocked_unet_parameters(unet, "decoder")
+
+
+def test_random_flips_move_the_image_and_its_conditions_together():
+    import datasets
+
+    from storydiff.training.controlnet_data import ImageConditionDataset
+
+    image, condition = np.zeros((16, 16, 3), dtype=np.uint8), np.zeros((16, 16), dtype=np.uint8)
+    image[:, :4], condition[:, :4] = 255, 255  # both marked on the left
+    rows = {"image": [Image.fromarray(image)] * 16, "text": ["a"] * 16, "edges": [Image.fromarray(condition)] * 16}
+    dataset = ImageConditionDataset(hf_dataset=datasets.Dataset.from_dict(rows), conditioning_columns=["edges"],
+                                    resolution=16, random_flip=True)  # fmt: skip
+    torch.manual_seed(0)
+    sides = set()
+    for index in range(16):
+        item = dataset[index]
+        image_left = item["pixel_values"][0, :, :4].mean() > 0
+        assert image_left == (item["conditions"][0, :, :4].mean() > 0.5)
+        sides.add(bool(image_left))
+    assert sides == {True, False}  # both orientations occur

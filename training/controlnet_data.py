@@ -91,10 +91,12 @@ class ImageConditionDataset(Dataset):
         caption_column: str = "text",
         conditioning_columns: Sequence[str] = (),
         resolution: int = 32,
+        random_flip: bool = False,
     ):
         self.images, self.captions, self.conditions, self.hf_dataset = images, captions, conditions, hf_dataset
         self.image_column, self.caption_column = image_column, caption_column
         self.conditioning_columns, self.resolution = list(conditioning_columns), resolution
+        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.captions) if self.hf_dataset is None else len(self.hf_dataset)
@@ -111,8 +113,10 @@ class ImageConditionDataset(Dataset):
         conditions = [
             prepare_condition(row[column], self.resolution, self.resolution) for column in self.conditioning_columns
         ]
-        return {"pixel_values": image_to_tensor(row[self.image_column], self.resolution), "caption": caption,
-                "conditions": torch.cat(conditions), "index": index}  # fmt: skip
+        pixels, conditions = image_to_tensor(row[self.image_column], self.resolution), torch.cat(conditions)
+        if self.random_flip and torch.rand(()) < 0.5:  # the image and its conditions together, or they would disagree
+            pixels, conditions = pixels.flip(-1), conditions.flip(-1)
+        return {"pixel_values": pixels, "caption": caption, "conditions": conditions, "index": index}
 
     def condition_channels(self) -> list[int]:
         """Channels of each condition, in order (from the first example for a `datasets` dataset)."""

@@ -206,7 +206,8 @@ def load_training_data(args) -> tuple:
     columns.update({f"--conditioning_image_column {name}": name for name in args.conditioning_image_column})
     hf_dataset = load_image_dataset_from_args(args, other_columns=columns)
     dataset = ImageConditionDataset(hf_dataset=hf_dataset, image_column=args.image_column, caption_column=args.caption_column,
-                                    conditioning_columns=args.conditioning_image_column, resolution=args.resolution)  # fmt: skip
+                                    conditioning_columns=args.conditioning_image_column, resolution=args.resolution,
+                                    random_flip=args.random_flip)  # fmt: skip
     return dataset, args.dataset_name, list(args.conditioning_image_column), dataset.condition_channels()
 
 
@@ -297,9 +298,15 @@ def trainable_parameters(controlnet, unet, args) -> tuple[list, list]:
 
 
 def make_pipeline(components: dict, unet, controlnet):
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    """storydiff's ControlNet pipeline (the stock one plus guidance schedules): its saved folder names the storydiff
+    class, so that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` imports the ControlNet's module."""
+    from diffusers import DDIMScheduler
 
-    return StableDiffusionControlNetPipeline(
+    from storydiff.custom_pipelines.dynamic_cfg_stable_diffusion_controlnet import (
+        DynamicCFGStableDiffusionControlNetPipeline,
+    )
+
+    return DynamicCFGStableDiffusionControlNetPipeline(
         vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"], unet=unet,
         controlnet=controlnet, scheduler=DDIMScheduler.from_config(components["scheduler"].config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
@@ -409,7 +416,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     dataset, dataset_id, condition_names, channels = load_training_data(args)
     if args.conditioning_channels is not None and args.conditioning_channels != sum(channels):
         raise ValueError(f"--conditioning_channels {args.conditioning_channels} does not match the data: "
-                         f"{dict(zip(condition_names, channels))} make {sum(channels)} channels.")  # fmt: skip
+                         f"{dict(zip(condition_names, channels))} make {sum(channels)} channel(s).")  # fmt: skip
     components = load_sd_shaped_components(args.pretrained_model_name_or_path, args.revision)
     vae, text_encoder, tokenizer = components["vae"], components["text_encoder"], components["tokenizer"]
     unet, noise_scheduler = components["unet"], components["scheduler"]
@@ -629,8 +636,8 @@ def save_output(args, argv, pipeline, model, metrics, dataset_id, condition_name
             f"A {args.variant} ControlNet (`storydiff.{controlnet_class}`, connection `{args.connect}`, UNet "
             f"{'locked' if args.unlock == 'none' else 'unlocked: ' + args.unlock}) for the Stable-Diffusion-shaped "
             f"model `{args.pretrained_model_name_or_path}`, trained by storydiff's `training/train_controlnet.py` on "
-            f"{conditions}. The folder is a whole `StableDiffusionControlNetPipeline`; the ControlNet alone is in "
-            "`controlnet/`. Condition dropout (drop each / drop all / keep all): "
+            f"{conditions}. The folder is a whole `DynamicCFGStableDiffusionControlNetPipeline` (the stock "
+            "`StableDiffusionControlNetPipeline` plus guidance schedules); the ControlNet alone is in `controlnet/`. Condition dropout (drop each / drop all / keep all): "
             f"{args.condition_drop_each} / {args.condition_drop_all} / {args.condition_keep_all}; empty captions "
             f"{args.proportion_empty_prompts}. Where the data is the digits world, edge IoU (3x3 tolerance), caption "
             "adherence and Frechet distance are measured on held-out conditions."
@@ -649,7 +656,8 @@ def save_output(args, argv, pipeline, model, metrics, dataset_id, condition_name
             'pipe = DynamicCFGStableDiffusionControlNetPipeline.from_pretrained("path/to/this/folder")\n'
             f"condition = torch.zeros(1, {sum(channels)}, {args.resolution}, {args.resolution})  # (batch, channels, height, width) in [0, 1]\n"
             'image = pipe("a large red 3 in the centre", image=condition, num_inference_steps=20).images[0]\n'
-            "# the stock StableDiffusionControlNetPipeline loads the folder too, after `import storydiff.models.controlnet_variants`",
+            "# or DiffusionPipeline.from_pretrained(folder, trust_remote_code=True); the stock StableDiffusionControlNetPipeline\n"
+            "# loads it after `import storydiff.models.controlnet_variants`",
         )
 
     check_finite_weights(model)
