@@ -18,10 +18,17 @@ Why a mid-block-only connection needs zeros: `UNet2DConditionModel` treats its i
 when both the down and the mid residuals are given; a mid residual alone is silently ignored. `connect="mid_block"`
 therefore returns zero down residuals, which the UNet adds without effect. Like the original (`only_mid_control` in
 lllyasviel/ControlNet), the whole trainable copy still runs: the middle block's input depends on it.
+
+Class-conditional base models. diffusers' `UNet2DModel.forward` takes no ControlNet residuals, so
+`unet2d_forward_with_residuals` runs a `UNet2DModel` with them, added exactly where `UNet2DConditionModel` adds them
+(down residuals to the skip copies, the mid residual after the middle block). Both variants build from a
+`UNet2DModel` with `from_unet`; the ControlNet is then called with `encoder_hidden_states=None` and the UNet's
+`class_labels`.
 """
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.controlnets.controlnet import (
     ControlNetConditioningEmbedding,
@@ -32,6 +39,8 @@ from diffusers.models.controlnets.controlnet import (
 
 # diffusers' pipeline loader looks for a component's base class (ModelMixin) in the component's own module
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 from torch import nn
 
 CONNECTIONS = ("all", "mid_block")
@@ -92,12 +101,131 @@ def _output(down, mid, return_dict: bool):
     return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
 
 
+def unet2d_forward_with_residuals(
+    unet: UNet2DModel,
+    sample: torch.Tensor,
+    timestep,
+    class_labels: torch.Tensor | None = None,
+    down_block_additional_residuals=None,
+    mid_block_additional_residual: torch.Tensor | None = None,
+    return_dict: bool = True,
+) -> UNet2DOutput | tuple:
+    """`UNet2DModel.forward` with ControlNet residuals, added as `UNet2DConditionModel` adds them.
+
+    A line-by-line mirror of diffusers' `UNet2DModel.forward` (0.42): the down residuals are added to the skip copies
+    the decoder reads (one per entry of the encoder's output, `conv_in` first), the mid residual to the middle
+    block's output. Like `UNet2DConditionModel`, residuals count only when both are given; with neither, the result
+    is `unet(sample, timestep, class_labels)` bit for bit.
+    """
+    controlled = down_block_additional_residuals is not None and mid_block_additional_residual is not None
+    if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+        raise ValueError(
+            "Give both down_block_additional_residuals and mid_block_additional_residual (a ControlNet's two "
+            "outputs), or neither."
+        )
+    config = unet.config
+    if config.center_input_sample:
+        sample = 2 * sample - 1.0
+
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        timesteps = torch.tensor([timesteps], dtype=torch.long, device=sample.device)
+    elif len(timesteps.shape) == 0:
+        timesteps = timesteps[None].to(sample.device)
+    timesteps = timesteps * torch.ones(sample.shape[0], dtype=timesteps.dtype, device=timesteps.device)
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=unet.dtype))
+    if unet.class_embedding is not None:
+        if class_labels is None:
+            raise ValueError("class_labels should be provided when doing class conditioning")
+        if config.class_embed_type == "timestep":
+            class_labels = unet.time_proj(class_labels)
+        emb = emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
+    elif class_labels is not None:
+        raise ValueError("class_embedding needs to be initialized in order to use class conditioning")
+
+    skip_sample = sample
+    sample = unet.conv_in(sample)
+    down_block_res_samples = (sample,)
+    for downsample_block in unet.down_blocks:
+        if hasattr(downsample_block, "skip_conv"):
+            sample, res_samples, skip_sample = downsample_block(
+                hidden_states=sample, temb=emb, skip_sample=skip_sample
+            )
+        else:
+            sample, res_samples = downsample_block(hidden_states=sample, temb=emb)
+        down_block_res_samples += res_samples
+
+    if controlled:
+        if len(down_block_additional_residuals) != len(down_block_res_samples):
+            raise ValueError(
+                f"The ControlNet gives {len(down_block_additional_residuals)} down residuals, but this UNet2DModel has "
+                f"{len(down_block_res_samples)} skip connections: build the ControlNet from this UNet (from_unet)."
+            )
+        down_block_res_samples = tuple(
+            res_sample + residual
+            for res_sample, residual in zip(down_block_res_samples, down_block_additional_residuals)
+        )
+
+    if unet.mid_block is not None:
+        sample = unet.mid_block(sample, emb)
+    if controlled:
+        sample = sample + mid_block_additional_residual
+
+    skip_sample = None
+    for upsample_block in unet.up_blocks:
+        res_samples = down_block_res_samples[-len(upsample_block.resnets) :]
+        down_block_res_samples = down_block_res_samples[: -len(upsample_block.resnets)]
+        if hasattr(upsample_block, "skip_conv"):
+            sample, skip_sample = upsample_block(sample, res_samples, emb, skip_sample)
+        else:
+            sample = upsample_block(sample, res_samples, emb)
+
+    sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))
+    if skip_sample is not None:
+        sample += skip_sample
+    if config.time_embedding_type == "fourier":
+        sample = sample / timesteps.reshape((sample.shape[0], *([1] * len(sample.shape[1:]))))
+    if not return_dict:
+        return (sample,)
+    return UNet2DOutput(sample=sample)
+
+
+# the UNet2DModel encoder blocks whose weights ControlNetModel's own blocks can hold
+FULL_COPY_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
+
+
+def _unet2d_full_copy_problems(config) -> list[str]:
+    """What keeps `ControlNetFullModel` from being an exact copy of this UNet2DModel's encoder (empty: nothing)."""
+    problems = []
+    other_blocks = [name for name in config.down_block_types if name not in FULL_COPY_DOWN_BLOCKS]
+    if other_blocks:
+        problems.append(f"down_block_types {other_blocks} (supported: {FULL_COPY_DOWN_BLOCKS})")
+    if config.mid_block_type != "UNetMidBlock2D":
+        problems.append(f"mid_block_type={config.mid_block_type!r} (supported: 'UNetMidBlock2D')")
+    if config.time_embedding_type != "positional":
+        problems.append(f"time_embedding_type={config.time_embedding_type!r} (supported: 'positional')")
+    if config.time_embedding_dim not in (None, config.block_out_channels[0] * 4):
+        problems.append(f"time_embedding_dim={config.time_embedding_dim}")
+    if config.act_fn != "silu":  # UNet2DModel's time embedding is always SiLU, ControlNetModel's follows act_fn
+        problems.append(f"act_fn={config.act_fn!r} (supported: 'silu')")
+    if config.center_input_sample:
+        problems.append("center_input_sample=True")
+    if "AttnDownBlock2D" in config.down_block_types and config.downsample_type != "conv":
+        problems.append(f"downsample_type={config.downsample_type!r} with attention blocks (supported: 'conv')")
+    return problems
+
+
 class ControlNetFullModel(ControlNetModel):
     r"""diffusers' [`ControlNetModel`] (the trainable copy) with a choice of connection.
 
     `connect="all"` is exactly `ControlNetModel`; `connect="mid_block"` keeps only the middle block's residual (the
     paper's small-scale training mode) by returning zero down residuals. A stock ControlNet checkpoint loads into it:
     `ControlNetFullModel.from_pretrained("lllyasviel/sd-controlnet-canny", connect="mid_block")`.
+
+    Built from a `UNet2DModel` (`from_unet`), it copies that UNet's encoder; `mid_block_add_attention` is then set
+    (not None) and the middle block is a `UNet2DModel`'s (two resnets, attention if True) instead of
+    `ControlNetModel`'s single resnet, so that the UNet's middle-block weights fit. Call it with
+    `encoder_hidden_states=None` and the UNet's `class_labels`.
     """
 
     @register_to_config
@@ -141,8 +269,15 @@ class ControlNetFullModel(ControlNetModel):
         global_pool_conditions: bool = False,
         addition_embed_type_num_heads: int = 64,
         connect: str = "all",
+        mid_block_add_attention: bool | None = None,
+        attn_norm_num_groups: int | None = None,
     ):
         _check_connect(connect, mid_block_type)
+        if mid_block_add_attention is not None and mid_block_type != "UNetMidBlock2D":
+            raise ValueError(
+                "mid_block_add_attention (a UNet2DModel's middle block) needs mid_block_type='UNetMidBlock2D', got "
+                f"{mid_block_type!r}."
+            )
         super().__init__(
             in_channels=in_channels,
             conditioning_channels=conditioning_channels,
@@ -177,6 +312,21 @@ class ControlNetFullModel(ControlNetModel):
             global_pool_conditions=global_pool_conditions,
             addition_embed_type_num_heads=addition_embed_type_num_heads,
         )
+        if mid_block_add_attention is not None:
+            # a UNet2DModel's middle block, built as UNet2DModel builds it, so that its weights load unchanged
+            head_dim = attention_head_dim if isinstance(attention_head_dim, int) else attention_head_dim[-1]
+            self.mid_block = UNetMidBlock2D(
+                in_channels=block_out_channels[-1],
+                temb_channels=block_out_channels[0] * 4,
+                resnet_eps=norm_eps,
+                resnet_act_fn=act_fn,
+                output_scale_factor=mid_block_scale_factor,
+                resnet_time_scale_shift=resnet_time_scale_shift,
+                attention_head_dim=head_dim if head_dim is not None else block_out_channels[-1],
+                resnet_groups=norm_num_groups,
+                attn_groups=attn_norm_num_groups,
+                add_attention=mid_block_add_attention,
+            )
 
     @classmethod
     def from_unet(
@@ -188,8 +338,15 @@ class ControlNetFullModel(ControlNetModel):
         conditioning_channels: int = 3,
         connect: str = "all",
     ) -> "ControlNetFullModel":
-        """`ControlNetModel.from_unet` (the encoder and middle block copied from `unet`) with a connection."""
+        """`ControlNetModel.from_unet` (the encoder and middle block copied from `unet`) with a connection.
+
+        `unet` is a `UNet2DConditionModel` or a `UNet2DModel` (see `FULL_COPY_DOWN_BLOCKS` for the encoder blocks a
+        full copy supports; `ControlNetLiteModel` works with any).
+        """
         _check_connect(connect, unet.config.mid_block_type)
+        if isinstance(unet, UNet2DModel):
+            return cls._from_unet2d(unet, controlnet_conditioning_channel_order, conditioning_embedding_out_channels,
+                                    load_weights_from_unet, conditioning_channels, connect)  # fmt: skip
         controlnet = super().from_unet(
             unet,
             controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
@@ -198,6 +355,52 @@ class ControlNetFullModel(ControlNetModel):
             conditioning_channels=conditioning_channels,
         )
         controlnet.register_to_config(connect=connect)
+        return controlnet
+
+    @classmethod
+    def _from_unet2d(
+        cls, unet, channel_order, embedding_channels, load_weights, conditioning_channels, connect
+    ) -> "ControlNetFullModel":
+        config = unet.config
+        problems = _unet2d_full_copy_problems(config)
+        if problems:
+            raise ValueError(
+                f"ControlNetFullModel cannot copy this UNet2DModel's encoder: {'; '.join(problems)}. "
+                "ControlNetLiteModel.from_unet(unet, ...) works with any UNet2DModel (--variant lite in training)."
+            )
+        # None means "one head of the block's width" in UNet2DModel; per-block widths say the same to ControlNetModel
+        head_dim = (
+            config.attention_head_dim if config.attention_head_dim is not None else tuple(config.block_out_channels)
+        )
+        controlnet = cls(
+            in_channels=config.in_channels,
+            conditioning_channels=conditioning_channels,
+            flip_sin_to_cos=config.flip_sin_to_cos,
+            freq_shift=config.freq_shift,
+            down_block_types=tuple(config.down_block_types),
+            mid_block_type=config.mid_block_type,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            downsample_padding=config.downsample_padding,
+            mid_block_scale_factor=config.mid_block_scale_factor,
+            act_fn=config.act_fn,
+            norm_num_groups=config.norm_num_groups,
+            norm_eps=config.norm_eps,
+            attention_head_dim=head_dim,
+            class_embed_type=config.class_embed_type,
+            num_class_embeds=config.num_class_embeds,
+            resnet_time_scale_shift=config.resnet_time_scale_shift,
+            controlnet_conditioning_channel_order=channel_order,
+            conditioning_embedding_out_channels=tuple(embedding_channels),
+            connect=connect,
+            mid_block_add_attention=config.add_attention,
+            attn_norm_num_groups=config.attn_norm_num_groups,
+        )
+        if load_weights:
+            for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "down_blocks", "mid_block"):
+                source = getattr(unet, name)
+                if source is not None:
+                    getattr(controlnet, name).load_state_dict(source.state_dict())
         return controlnet
 
     def forward(
@@ -282,7 +485,8 @@ class ControlNetLiteModel(ControlNetModel):
         load_weights_from_unet: bool = True,
         connect: str = "all",
     ) -> "ControlNetLiteModel":
-        """A light ControlNet whose residuals match `unet`'s skip connections; `conv_in` copied from `unet`."""
+        """A light ControlNet whose residuals match `unet`'s skip connections (a `UNet2DConditionModel` or a
+        `UNet2DModel`); `conv_in` copied from `unet`."""
         if unet.config.down_block_types and any("Down" not in name for name in unet.config.down_block_types):
             raise ValueError(f"Unexpected down_block_types {unet.config.down_block_types} for a UNet encoder.")
         controlnet = cls(

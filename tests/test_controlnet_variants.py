@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from tiny_stable_diffusion import tiny_sd_components
 
 from storydiff import ControlNetFullModel, ControlNetLiteModel
+from storydiff.models.controlnet_variants import unet2d_forward_with_residuals
 
 EMBEDDING_CHANNELS = (4, 8)  # stride 2: the tiny VAE's downsampling
 
@@ -264,3 +265,94 @@ def test_bad_connection_is_an_error(unet):
     with pytest.raises(ValueError, match="nothing to connect"):
         ControlNetFullModel(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
                             mid_block_type=None, norm_num_groups=4, connect="mid_block")  # fmt: skip
+
+
+# ------------------------------------------------------------------------ class-conditional UNet2DModel base models
+
+
+def class_conditional_unet(down_block_types=("DownBlock2D",) * 3, add_attention=True, **kwargs) -> UNet2DModel:
+    """The shape of the shipped digits-class-conditional UNet (pixel space, 11 classes with the null class), tiny."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
+                       down_block_types=down_block_types, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4,
+                       num_class_embeds=11, add_attention=add_attention, **kwargs).eval()  # fmt: skip
+
+
+def class_inputs(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 1, 16, 16, generator=generator)
+    return sample, torch.tensor([10, 600]), torch.tensor([3, 10]), torch.rand(2, 1, 16, 16, generator=generator)
+
+
+UNET2D_SHAPES = [(("DownBlock2D",) * 3, True), (("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"), False)]
+
+
+@pytest.mark.parametrize("down_block_types, add_attention", UNET2D_SHAPES)
+def test_unet2d_forward_with_residuals_is_the_unet_without_them(down_block_types, add_attention):
+    unet = class_conditional_unet(down_block_types, add_attention)
+    sample, timestep, labels, _ = class_inputs()
+    expected = unet(sample, timestep, class_labels=labels).sample
+    assert torch.equal(unet2d_forward_with_residuals(unet, sample, timestep, labels).sample, expected)
+    assert torch.equal(unet2d_forward_with_residuals(unet, sample, 10, labels).sample, unet(sample, 10, labels).sample)
+    lite = ControlNetLiteModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,))
+    down, mid = lite(sample, controlnet_cond=torch.rand(2, 1, 16, 16), return_dict=False)  # zero at initialisation
+    assert torch.equal(unet2d_forward_with_residuals(unet, sample, timestep, labels, down, mid).sample, expected)
+    with pytest.raises(ValueError, match="or neither"):
+        unet2d_forward_with_residuals(unet, sample, timestep, labels, down, None)
+    with pytest.raises(ValueError, match="skip connections"):
+        unet2d_forward_with_residuals(unet, sample, timestep, labels, down[:-1], mid)
+
+
+@pytest.mark.parametrize("kind", ["full", "lite"])
+@pytest.mark.parametrize("down_block_types, add_attention", UNET2D_SHAPES)
+def test_controlnets_from_a_class_conditional_unet2d(kind, down_block_types, add_attention, tmp_path):
+    unet = class_conditional_unet(down_block_types, add_attention)
+    cls = ControlNetFullModel if kind == "full" else ControlNetLiteModel
+    controlnet = cls.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,)).eval()
+    sample, timestep, labels, condition = class_inputs()
+    expected = unet(sample, timestep, class_labels=labels).sample
+    down, mid = controlnet(sample, timestep, None, condition, class_labels=labels, return_dict=False)
+    assert len(down) == 6 and mid.shape == (2, 16, 4, 4)
+    # zero initialisation: the base model's output is unchanged, bit for bit
+    assert torch.equal(unet2d_forward_with_residuals(unet, sample, timestep, labels, down, mid).sample, expected)
+    randomised(controlnet)
+    down, mid = controlnet(sample, timestep, None, condition, class_labels=labels, return_dict=False)
+    assert not torch.allclose(
+        unet2d_forward_with_residuals(unet, sample, timestep, labels, down, mid).sample, expected
+    )
+
+    controlnet.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path).eval()
+    again = loaded(sample, timestep, None, condition, class_labels=labels, return_dict=False)
+    assert torch.equal(again[1], mid)
+
+
+def test_the_full_copy_of_a_unet2d_is_its_encoder():
+    """Same encoder and middle block weights, and the same features: the copy's middle block sees what the UNet's
+    does (the condition embedding's last convolution starts at zero)."""
+    unet = class_conditional_unet(("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"))
+    controlnet = ControlNetFullModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,))
+    for name, tensor in unet.state_dict().items():
+        if name.split(".")[0] in ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block"):
+            assert torch.equal(controlnet.state_dict()[name], tensor), name
+    features = {}
+    unet.mid_block.register_forward_hook(lambda module, args, output: features.setdefault("unet", output))
+    controlnet.mid_block.register_forward_hook(lambda module, args, output: features.setdefault("copy", output))
+    sample, timestep, labels, condition = class_inputs()
+    unet(sample, timestep, class_labels=labels)
+    controlnet.eval()(sample, timestep, None, condition, class_labels=labels)
+    assert torch.equal(features["unet"], features["copy"])
+
+
+def test_unsupported_unet2d_blocks_point_to_the_lite_variant():
+    unet = class_conditional_unet(("DownBlock2D", "SkipDownBlock2D", "DownBlock2D"))
+    with pytest.raises(ValueError, match=r"SkipDownBlock2D.*ControlNetLiteModel"):
+        ControlNetFullModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,))
+    unet = class_conditional_unet(mid_block_type=None)
+    with pytest.raises(ValueError, match="mid_block_type=None"):
+        ControlNetFullModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,))
+    lite = ControlNetLiteModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,))
+    sample, timestep, labels, condition = class_inputs()
+    down, mid = lite(sample, controlnet_cond=condition, return_dict=False)
+    assert torch.equal(unet2d_forward_with_residuals(unet, sample, timestep, labels, down, mid).sample,
+                       unet(sample, timestep, labels).sample)  # fmt: skip
