@@ -7,6 +7,10 @@ Works with two kinds of denoiser, both trained with a "null" class for classifie
 * a DiT-style `DiTTransformer2DModel` (`num_embeds_ada_norm = num_classes`, its label table has one extra row for
   the null class, index `num_classes`, as in DiT), usually with a `vae`.
 
+With a UNet, an optional `controlnet` (storydiff's `ControlNetFullModel` or `ControlNetLiteModel`, built with
+`from_unet(unet, ...)`) steers generation with a condition image (`control_image`), as ControlNet steers Stable
+Diffusion; control and guidance are separate knobs.
+
 Usable as `ClassConditionalPipeline.from_pretrained(folder)` and as
 `DiffusionPipeline.from_pretrained(folder, custom_pipeline=storydiff.custom_pipeline_path("class_conditional"),
 trust_remote_code=True)`.
@@ -20,12 +24,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from storydiff.models.controlnet_variants import check_condition_size, unet2d_forward_with_residuals
 from storydiff.pipeline_checks import (
     check_callback_tensor_inputs,
     check_generator,
@@ -91,10 +96,13 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             UNet and to `num_embeds_ada_norm` for a DiT.
         id2label (`dict[int, str]`, *optional*):
             Class names, so that `class_labels` can also be given as names.
+        controlnet ([`ControlNetModel`], *optional*):
+            A ControlNet built from the `unet` (`ControlNetLiteModel.from_unet(unet, ...)` or
+            `ControlNetFullModel.from_unet(unet, ...)`); then every call takes a `control_image`. UNet only.
     """
 
-    model_cpu_offload_seq = "transformer->unet->vae"
-    _optional_components = ["unet", "transformer", "vae"]
+    model_cpu_offload_seq = "transformer->controlnet->unet->vae"
+    _optional_components = ["unet", "transformer", "vae", "controlnet"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -105,11 +113,14 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
         vae: Optional[AutoencoderKL] = None,
         num_classes: Optional[int] = None,
         id2label: Optional[Dict[Union[int, str], str]] = None,
+        controlnet: Optional[ControlNetModel] = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("Give exactly one denoiser: either `unet` (UNet2DModel) or `transformer` (DiT).")
-        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae)
+        if controlnet is not None:
+            self._check_controlnet(controlnet, unet)
+        self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae, controlnet=controlnet)
 
         num_classes = self._check_num_classes(num_classes)
         id2label = self._check_id2label(id2label, num_classes)
@@ -137,6 +148,25 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
                 if name.strip():
                     labels[name.strip()] = int(index)
         return labels
+
+    @staticmethod
+    def _check_controlnet(controlnet, unet) -> None:
+        if unet is None:
+            raise ValueError(
+                "A controlnet works with the `unet` (UNet2DModel) denoiser only; the DiT `transformer` has no skip "
+                "connections for ControlNet residuals. Use a class-conditional UNet2DModel, or drop the controlnet."
+            )
+        if not isinstance(controlnet, ControlNetModel):
+            raise TypeError(
+                "`controlnet` must be a ControlNetModel (storydiff's ControlNetLiteModel or ControlNetFullModel, built "
+                f"with from_unet(unet, ...)), got {type(controlnet).__name__}."
+            )
+        for key in ("in_channels", "block_out_channels", "layers_per_block"):
+            if tuple(np.atleast_1d(controlnet.config[key])) != tuple(np.atleast_1d(unet.config[key])):
+                raise ValueError(
+                    f"The controlnet's {key}={controlnet.config[key]} does not match the unet's {unet.config[key]}: "
+                    "build the ControlNet from this UNet (from_unet(unet, ...))."
+                )
 
     def _check_num_classes(self, num_classes: Optional[int]) -> int:
         if self.unet is not None:
@@ -271,11 +301,60 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             extra["generator"] = generator
         return extra
 
-    def _predict_noise(self, scheduler, latents: torch.Tensor, t, class_labels: torch.Tensor) -> torch.Tensor:
+    def prepare_control_image(self, control_image, num_images_per_class: int, num_labels: int, dtype, device):
+        """`control_image` checked against the controlnet and repeated to one per image, or None without a
+        controlnet. The checks run here, before denoising, so that a bad condition fails at once."""
+        if control_image is None and self.controlnet is None:
+            return None
+        if self.controlnet is None:
+            raise ValueError(
+                "`control_image` was given, but this pipeline has no controlnet. Load or build one with a controlnet "
+                "(ClassConditionalPipeline(..., controlnet=ControlNetLiteModel.from_unet(unet, ...))), or drop "
+                "`control_image`."
+            )
+        if control_image is None:
+            raise ValueError(
+                "This pipeline has a controlnet, so it needs `control_image`: a (batch, channels, height, width) "
+                "tensor in [0, 1] at the image resolution, one per class label or one for all. To generate without "
+                "control, use ClassConditionalPipeline.from_pipe(pipe, controlnet=None)."
+            )
+        if not isinstance(control_image, torch.Tensor) or control_image.ndim != 4:
+            shape = tuple(control_image.shape) if isinstance(control_image, torch.Tensor) else None
+            raise ValueError(
+                "`control_image` must be a (batch, channels, height, width) tensor in [0, 1], got "
+                f"{type(control_image).__name__}{'' if shape is None else f' of shape {shape}'}."
+            )
+        if control_image.shape[0] not in (1, num_labels):
+            raise ValueError(
+                f"`control_image` has {control_image.shape[0]} images; give one per class label ({num_labels}) or one "
+                "for all."
+            )
+        control_image = control_image.to(device=device, dtype=dtype)
+        if not torch.isfinite(control_image).all() or control_image.min() < 0 or control_image.max() > 1:
+            raise ValueError("`control_image` must hold finite values in [0, 1] (the ControlNet's training range).")
+        # the size and channels the ControlNet needs, checked on a shape-only latent
+        check_condition_size(torch.empty(self._latent_shape(1), device="meta"), control_image, self.controlnet.config)
+        if control_image.shape[0] == 1:
+            return control_image.expand(num_labels * num_images_per_class, -1, -1, -1)
+        return control_image.repeat_interleave(num_images_per_class, dim=0)
+
+    def _predict_noise(
+        self,
+        scheduler,
+        latents: torch.Tensor,
+        t,
+        class_labels: torch.Tensor,
+        control_image: Optional[torch.Tensor] = None,
+        conditioning_scale: float = 1.0,
+    ) -> torch.Tensor:
         model_input = scheduler.scale_model_input(latents, t)
         timesteps = t if torch.is_tensor(t) else torch.tensor(t, device=latents.device)
         timesteps = timesteps.reshape(-1)[:1].to(latents.device).expand(latents.shape[0])
-        if self.unet is not None:
+        if control_image is not None:
+            down, mid = self.controlnet(model_input, timesteps, None, control_image, conditioning_scale=conditioning_scale,
+                                        class_labels=class_labels, return_dict=False)  # fmt: skip
+            output = unet2d_forward_with_residuals(self.unet, model_input, timesteps, class_labels, down, mid).sample
+        elif self.unet is not None:
             output = self.unet(model_input, timesteps, class_labels=class_labels).sample
         else:
             output = self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample
@@ -321,6 +400,8 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             Union[Callable[[Any, int, Any, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
         ] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        control_image: Optional[torch.Tensor] = None,
+        controlnet_conditioning_scale: float = 1.0,
     ) -> Union[ClassConditionalPipelineOutput, tuple]:
         r"""Generate images of the given classes.
 
@@ -356,6 +437,12 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
                 docstring for how it applies) or set `self._interrupt = True`.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 Tensors passed in `callback_kwargs`.
+            control_image (`torch.Tensor`, *optional*):
+                The ControlNet's condition, `(batch, channels, height, width)` in [0, 1] at the image resolution:
+                one per entry of `class_labels`, or one for all. Required with a `controlnet`, refused without. As in
+                the original ControlNet, the null-class (unconditional) half of CFG keeps the condition.
+            controlnet_conditioning_scale (`float`, defaults to 1.0):
+                Multiplies the ControlNet's residuals; 0 turns the control off.
 
         Example:
             ```py
@@ -381,6 +468,15 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
         batch_size = len(labels)
         check_generator(generator, batch_size)
         check_guidance_scales(scales, dtype)
+        if isinstance(controlnet_conditioning_scale, bool) or not isinstance(
+            controlnet_conditioning_scale, (int, float)
+        ):
+            raise TypeError(
+                f"`controlnet_conditioning_scale` must be a float, got {type(controlnet_conditioning_scale).__name__}."
+            )
+        control = self.prepare_control_image(control_image, num_images_per_class, len(labels) // num_images_per_class,
+                                             dtype, device)  # fmt: skip
+        control_and_control = None if control is None else torch.cat([control, control])
         class_tensor = torch.tensor(labels, device=device, dtype=torch.long)
         null_tensor = torch.full_like(class_tensor, self.null_class_label)
         class_and_null = torch.cat([class_tensor, null_tensor])
@@ -409,12 +505,15 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             step_scale = guidance.scale(i)
             applied_scales.append(step_scale)
             if step_scale > 1:
-                noise = self._predict_noise(scheduler, torch.cat([latents, latents]), t, class_and_null)
+                # the null-class half keeps the condition: guidance is over the class, not over the control
+                noise = self._predict_noise(scheduler, torch.cat([latents, latents]), t, class_and_null,
+                                            control_and_control, controlnet_conditioning_scale)  # fmt: skip
                 noise_class, noise_null = noise.chunk(2)
                 noise_pred = noise_null + step_scale * (noise_class - noise_null)
             else:
-                # No guidance on this step: the null-class half is not computed at all.
-                noise_pred = self._predict_noise(scheduler, latents, t, class_tensor)
+                # No guidance on this step: the null-class half is not computed at all, by the ControlNet either.
+                noise_pred = self._predict_noise(scheduler, latents, t, class_tensor, control,
+                                                 controlnet_conditioning_scale)  # fmt: skip
 
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 

@@ -1,5 +1,7 @@
 """ClassConditionalPipeline: outputs, CFG against a hand-written loop, skipped null passes, save/load, bad input."""
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -298,3 +300,136 @@ def test_shipped_digits_checkpoint_loads_and_samples():
     assert out.images.shape == (2, 16, 16, 1) and np.isfinite(out.images).all()
     with pytest.raises(ValueError, match="Available: .*digits-class-conditional"):
         checkpoint_path("no-such-checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------------- ControlNet
+
+
+def control_pipeline(kind: str = "lite", random_weights: bool = False):
+    from storydiff import ControlNetFullModel, ControlNetLiteModel
+
+    unet = tiny_unet()
+    cls = ControlNetLiteModel if kind == "lite" else ControlNetFullModel
+    # pixel space: a stride-1 conditioning embedding (one width), the condition at the image size
+    controlnet = cls.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4,)).eval()
+    if random_weights:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in controlnet.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    pipe = ClassConditionalPipeline(scheduler=DDIMScheduler(), unet=unet, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CONTROL_CALL = dict(class_labels=[0, 3], num_images_per_class=2, guidance_scale=3.0, guidance_schedule="linear",
+                    num_inference_steps=4, output_type="np")  # fmt: skip
+
+
+def control_images(count: int = 2):
+    return torch.rand(count, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("kind", ["lite", "full"])
+def test_a_zero_initialised_controlnet_changes_nothing_and_a_trained_one_does(kind):
+    expected = unet_pipeline()(**CONTROL_CALL, generator=torch.Generator().manual_seed(0)).images
+    zero = control_pipeline(kind)(**CONTROL_CALL, control_image=control_images(), generator=torch.manual_seed(0))
+    np.testing.assert_array_equal(zero.images, expected)
+    controlled = control_pipeline(kind, random_weights=True)
+    images = controlled(**CONTROL_CALL, control_image=control_images(), generator=torch.manual_seed(0)).images
+    assert np.abs(images - expected).max() > 1e-3
+    # one condition for all equals that condition repeated per class label
+    one = controlled(**CONTROL_CALL, control_image=control_images(1), generator=torch.manual_seed(0)).images
+    repeated = controlled(**CONTROL_CALL, control_image=control_images(1).repeat(2, 1, 1, 1),
+                          generator=torch.manual_seed(0)).images  # fmt: skip
+    np.testing.assert_array_equal(one, repeated)
+    # the scale is the ControlNet's own knob: 0 turns control off whatever the guidance
+    off = controlled(**CONTROL_CALL, control_image=control_images(), controlnet_conditioning_scale=0.0,
+                     generator=torch.manual_seed(0)).images  # fmt: skip
+    np.testing.assert_allclose(off, expected, atol=1e-6)
+
+
+def test_the_controlnet_sees_the_null_class_half_only_on_guided_steps():
+    pipe = control_pipeline(random_weights=True)
+    controlnet_sizes = count_batch_sizes(pipe.controlnet)
+    labels_seen = []
+    pipe.controlnet.register_forward_pre_hook(
+        lambda module, args, kwargs: labels_seen.append(kwargs["class_labels"].tolist()), with_kwargs=True
+    )
+    conditions_seen = []
+    pipe.controlnet.register_forward_pre_hook(lambda module, args: conditions_seen.append(args[3].clone()))
+    # the linear schedule is 0 at the first step (no guidance), then rises
+    out = pipe(class_labels=[1, 2], guidance_scale=3.0, guidance_schedule="linear", num_inference_steps=4,
+               control_image=control_images(), output_type="np")  # fmt: skip
+    guided = [scale > 1 for scale in out.guidance_scales]
+    assert guided == [False, True, True, True]
+    assert controlnet_sizes == [4 if on else 2 for on in guided]
+    assert labels_seen[0] == [1, 2] and labels_seen[1] == [1, 2, NUM_CLASSES, NUM_CLASSES]
+    # the null-class half keeps the condition (the original ControlNet's unconditional branch)
+    torch.testing.assert_close(conditions_seen[1][:2], conditions_seen[1][2:], rtol=0, atol=0)
+
+
+def test_save_load_with_a_controlnet_component(tmp_path):
+    from storydiff import ControlNetLiteModel
+
+    pipe = control_pipeline(random_weights=True)
+    call = dict(CONTROL_CALL, control_image=control_images())
+    expected = pipe(**call, generator=torch.manual_seed(0)).images
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["controlnet"] == ["storydiff.models.controlnet_variants", "ControlNetLiteModel"]
+    loaded = ClassConditionalPipeline.from_pretrained(tmp_path)
+    assert type(loaded.controlnet) is ControlNetLiteModel
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(loaded(**call, generator=torch.manual_seed(0)).images, expected)
+    remote = DiffusionPipeline.from_pretrained(
+        tmp_path, custom_pipeline=custom_pipeline_path("class_conditional"), trust_remote_code=True
+    )
+    remote.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(remote(**call, generator=torch.manual_seed(0)).images, expected)
+    # a folder without a controlnet still loads with none, and from_pipe drops one
+    unet_pipeline().save_pretrained(tmp_path / "plain")
+    assert ClassConditionalPipeline.from_pretrained(tmp_path / "plain").controlnet is None
+    assert ClassConditionalPipeline.from_pipe(pipe, controlnet=None).controlnet is None
+
+
+@pytest.mark.parametrize(
+    "pipe_kind, kwargs, error, match",
+    [
+        ("plain", dict(control_image=torch.rand(1, 1, SIZE, SIZE)), ValueError, "no controlnet"),
+        ("control", dict(), ValueError, "needs `control_image`"),
+        ("control", dict(control_image=torch.rand(1, 3, SIZE, SIZE)), ValueError, "conditioning_channels=1"),
+        ("control", dict(control_image=torch.rand(1, 1, 2 * SIZE, 2 * SIZE)), ValueError, "needs"),
+        ("control", dict(control_image=torch.rand(3, 1, SIZE, SIZE)), ValueError, "one per class label"),
+        ("control", dict(control_image=torch.rand(1, 1, SIZE, SIZE) * 3), ValueError, r"\[0, 1\]"),
+        ("control", dict(control_image=torch.rand(1, SIZE, SIZE)), ValueError, "batch, channels"),
+        ("control", dict(control_image=torch.rand(1, 1, SIZE, SIZE), controlnet_conditioning_scale="1"), TypeError,
+         "controlnet_conditioning_scale"),
+    ],
+)  # fmt: skip
+def test_bad_control_inputs_fail_before_denoising(pipe_kind, kwargs, error, match):
+    pipe = unet_pipeline() if pipe_kind == "plain" else control_pipeline()
+    calls = count_batch_sizes(pipe.unet)
+    with pytest.raises(error, match=match):
+        pipe(class_labels=[0, 1], num_inference_steps=2, **kwargs)
+    assert calls == []
+
+
+def test_a_controlnet_needs_a_matching_unet():
+    from storydiff import ControlNetLiteModel
+
+    controlnet = ControlNetLiteModel.from_unet(
+        tiny_unet(), conditioning_channels=1, conditioning_embedding_out_channels=(4,)
+    )
+    dit = dit_pipeline()
+    with pytest.raises(ValueError, match="UNet2DModel.*only"):
+        ClassConditionalPipeline(
+            scheduler=DDIMScheduler(), transformer=dit.transformer, vae=dit.vae, controlnet=controlnet
+        )
+    other = UNet2DModel(sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+                        num_class_embeds=NUM_CLASSES + 1)  # fmt: skip
+    with pytest.raises(ValueError, match="block_out_channels"):
+        ClassConditionalPipeline(scheduler=DDIMScheduler(), unet=other, controlnet=controlnet)
+    with pytest.raises(TypeError, match="must be a ControlNetModel"):
+        ClassConditionalPipeline(scheduler=DDIMScheduler(), unet=tiny_unet(), controlnet=torch.nn.Conv2d(1, 1, 1))
