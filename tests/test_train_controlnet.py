@@ -217,3 +217,110 @@ def test_random_flips_move_the_image_and_its_conditions_together():
         assert image_left == (item["conditions"][0, :, :4].mean() > 0.5)
         sides.add(bool(image_left))
     assert sides == {True, False}  # both orientations occur
+
+
+# ----------------------------------------------------------------------------------- class-conditional base models
+
+CLASS_TINY = [
+    "--dataset", "digits", "--resolution", "16", "--max_train_samples", "12", "--train_batch_size", "4",
+    "--conditioning_embedding_out_channels", "4", "--num_validation_examples", "2", "--num_validation_images", "1",
+    "--validation_inference_steps", "2", "--num_evaluation_images", "4", "--validation_steps", "1000",
+    "--torch_num_threads", "1", "--report_to", "none",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def class_base(tmp_path_factory) -> Path:
+    """A tiny ClassConditionalPipeline in the shipped digits model's shape: pixel space 16x16x1, 10 classes + null."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from storydiff import ClassConditionalPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                       norm_num_groups=4, num_class_embeds=11)  # fmt: skip
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    folder = tmp_path_factory.mktemp("class_base") / "pipe"
+    ClassConditionalPipeline(scheduler=scheduler, unet=unet, id2label={i: str(i) for i in range(10)}).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def run_class(class_base, out, *extra):
+    return Path(train_controlnet(["--pretrained_model_name_or_path", str(class_base), *CLASS_TINY, "--output_dir",
+                                  str(out), *extra]))  # fmt: skip
+
+
+@pytest.mark.parametrize("variant, connect, unlock", [("lite", "all", "none"), ("full", "mid_block", "decoder")])
+def test_class_conditional_base_trains_and_its_output_generates_with_control(
+    class_base, tmp_path, variant, connect, unlock
+):
+    from storydiff import ClassConditionalPipeline
+
+    out = run_class(class_base, tmp_path / "run", "--variant", variant, "--connect", connect, "--unlock", unlock,
+                    "--max_train_steps", "2", "--learning_rate", "1e-2", "--evaluation_steps", "1", "--use_ema")  # fmt: skip
+    pipe = ClassConditionalPipeline.from_pretrained(out)
+    expected_class = ControlNetFullModel if variant == "full" else ControlNetLiteModel
+    assert type(pipe.controlnet) is expected_class and pipe.controlnet.config.conditioning_channels == 1
+    assert pipe.controlnet.config.connect == connect and pipe.config.num_classes == 10
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["controlnet"] == ["storydiff.models.controlnet_variants", expected_class.__name__]
+
+    controlnet = load_file(out / CONTROLNET_WEIGHTS)
+    assert any(t.abs().max() > 0 for name, t in controlnet.items() if name.startswith("controlnet_mid_block"))
+    base, unet = load_file(class_base / UNET_WEIGHTS), load_file(out / UNET_WEIGHTS)
+    assert changed(base, unet, "up_blocks") == (unlock != "none")
+    assert not changed(base, unet, "down_blocks")
+
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["train_steps"] == 2
+    for name in ("edge_iou", "edge_iou_null_class", "class_accuracy"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert [record["step"] for record in json.loads((out / "evaluation_history.json").read_text())] == [1, 2]
+    card = (out / "README.md").read_text()
+    assert "train_controlnet.py" in card and "ClassConditionalPipeline" in card and (out / "samples.png").is_file()
+
+    pipe.set_progress_bar_config(disable=True)
+    edges = torch.zeros(2, 1, 16, 16)
+    edges[:, :, 4:12, 6] = 1.0
+    images = pipe(class_labels=[1, 7], control_image=edges, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+
+
+def test_class_conditional_resume_continues_exactly(class_base, tmp_path):
+    common = ["--variant", "lite", "--checkpointing_steps", "2", "--num_evaluation_images", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_class(class_base, straight, *common, "--max_train_steps", "3")
+    run_class(class_base, resumed, *common, "--max_train_steps", "2")
+    run_class(class_base, resumed, *common, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    expected, got = load_file(straight / CONTROLNET_WEIGHTS), load_file(resumed / CONTROLNET_WEIGHTS)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    with pytest.raises(ResumeSettingsError, match="proportion_empty_prompts"):
+        run_class(class_base, resumed, *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                  "--proportion_empty_prompts", "0.2")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--resolution", "32"], "--resolution 16"),
+        (["--conditioning_embedding_out_channels", "4,8"], "pixel space"),
+        (["--conditioning_channels", "3"], r"make 1 channel\(s\)"),
+    ],
+)
+def test_class_conditional_bad_arguments(class_base, tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        run_class(class_base, tmp_path / "bad", "--max_train_steps", "1", *extra)
+
+
+def test_the_data_must_fit_the_base(class_base, base_model, tmp_path):
+    with pytest.raises(ValueError, match="--dataset digits"):
+        train_controlnet(["--pretrained_model_name_or_path", str(class_base), *TINY, "--output_dir", str(tmp_path / "a"),
+                          "--max_train_steps", "1"])  # fmt: skip
+    with pytest.raises(ValueError, match="class-conditional base"):
+        train_controlnet(["--pretrained_model_name_or_path", str(base_model), *CLASS_TINY, "--output_dir",
+                          str(tmp_path / "b"), "--max_train_steps", "1"])  # fmt: skip

@@ -19,6 +19,16 @@ channel concatenation with Uni-ControlNet's per-condition dropout. The output fo
 load it) with the ControlNet in `controlnet/`; on the digits world the model card records edge IoU, caption
 adherence and Frechet distance, and `evaluation_history.json` their course over training (`--evaluation_steps`).
 EMA, exact resume, 2-process runs, TensorBoard, validation grids and `--push_to_hub` come from the shared utilities.
+
+Class-conditional bases: when `--pretrained_model_name_or_path` is a `ClassConditionalPipeline` folder with a
+pixel-space `UNet2DModel` (the shipped digits-class-conditional model), the script trains a ControlNet for it on
+`--dataset digits` with the Canny edges of each glyph as the condition; class labels drop to the null class with
+`--proportion_empty_prompts` (the class analogue of empty captions). The output is a `ClassConditionalPipeline`
+with the ControlNet in `controlnet/`; the card records edge IoU (with the class, and with the null class, where the
+condition does all the work) and class accuracy.
+
+    accelerate launch training/train_controlnet.py --pretrained_model_name_or_path storydiff/checkpoints/digits-class-conditional \\
+        --dataset digits --resolution 16 --variant lite --output_dir digits-class-cn
 """
 
 # ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
@@ -39,7 +49,8 @@ from storydiff.training.arguments import (
 from storydiff.training.datasets_loading import add_image_data_arguments, check_one_data_source
 
 DIGITS_WORLD = "digits_world"
-BUILT_IN_DATASETS = (DIGITS_WORLD,)
+DIGITS = "digits"  # class-conditional bases: scikit-learn's digits with their class labels, edges as the condition
+BUILT_IN_DATASETS = (DIGITS_WORLD, DIGITS)
 VARIANTS = ("full", "lite")
 CONNECTIONS = ("all", "mid_block")
 UNLOCK_MODES = ("none", "decoder", "all")
@@ -60,7 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     data.add_argument("--num_world_samples", type=int, default=8000, help="Canvases of the digits world.")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="SD-shaped pipeline.")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="SD-shaped pipeline, or a ClassConditionalPipeline with a pixel-space UNet2DModel.")  # fmt: skip
     model.add_argument("--revision", type=str, default=None)
     model.add_argument("--controlnet_model_name_or_path", type=str, default=None, help="Continue from a ControlNet.")
     model.add_argument("--variant", type=str, default="full", choices=VARIANTS)
@@ -73,7 +85,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--conditioning_embedding_out_channels", type=str, default=None,
                        help="Widths of the condition encoder (default: 16,32,96,256 cut to the VAE's stride).")  # fmt: skip
     model.add_argument("--proportion_empty_prompts", type=float, default=0.5,
-                       help="P(caption -> ''); the paper uses 0.5 so the ControlNet learns the condition itself.")  # fmt: skip
+                       help="P(caption -> '', or class -> null class); the paper uses 0.5 so the ControlNet learns "
+                       "the condition itself.")  # fmt: skip
     model.add_argument("--condition_drop_each", type=float, default=None, help="Several conditions: P(drop one).")
     model.add_argument("--condition_drop_all", type=float, default=None, help="P(drop every condition).")
     model.add_argument("--condition_keep_all", type=float, default=None, help="Several conditions: P(keep all).")
@@ -122,8 +135,10 @@ def check_controlnet_arguments(args: argparse.Namespace) -> None:
         if unknown or not args.digits_conditions or len(set(args.digits_conditions)) != len(args.digits_conditions):
             raise ValueError(f"--digits_conditions must be distinct names from {sorted(DIGITS_CONDITIONS)}, got "
                              f"{args.digits_conditions}.")  # fmt: skip
+    if args.dataset == DIGITS:
+        args.digits_conditions = ["edges"]  # the glyph's Canny edges: the one condition of the class-conditional path
     num_conditions = (
-        len(args.digits_conditions) if args.dataset == DIGITS_WORLD else len(args.conditioning_image_column)
+        len(args.digits_conditions) if args.dataset in (DIGITS_WORLD, DIGITS) else len(args.conditioning_image_column)
     )
     several = num_conditions > 1
     # one condition: dropped never (the original ControlNet); several: Uni-ControlNet's drop-each / all / keep-all
@@ -146,6 +161,7 @@ def check_controlnet_arguments(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parse_args_or_exit(parse_args)  # --help and bad flags answer here, before the imports below take seconds
 
+import copy
 import json
 import time
 
@@ -241,7 +257,9 @@ def vae_stride(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def create_controlnet(args, unet, vae, conditioning_channels: int):
+def create_controlnet(args, unet, stride: int, conditioning_channels: int):
+    """A new ControlNet for `unet` (or `--controlnet_model_name_or_path`); `stride` is the VAE's downsampling, 1 in
+    pixel space."""
     from storydiff.models.controlnet_variants import ControlNetFullModel, ControlNetLiteModel
 
     cls = ControlNetFullModel if args.variant == "full" else ControlNetLiteModel
@@ -253,7 +271,6 @@ def create_controlnet(args, unet, vae, conditioning_channels: int):
             raise ValueError(f"--controlnet_model_name_or_path takes {controlnet.config.conditioning_channels} condition "
                              f"channels, the data has {conditioning_channels}.")  # fmt: skip
         return controlnet
-    stride = vae_stride(vae)
     widths = args.conditioning_embedding_out_channels
     if widths is None:
         steps = int(math.log2(stride))
@@ -262,8 +279,9 @@ def create_controlnet(args, unet, vae, conditioning_channels: int):
                              f"{steps + 1} widths.")  # fmt: skip
         widths = DEFAULT_EMBEDDING_CHANNELS[: steps + 1]
     if 2 ** (len(widths) - 1) != stride:
+        model = f"the VAE downsamples {stride}x" if stride > 1 else "the model works in pixel space (1x)"
         raise ValueError(f"--conditioning_embedding_out_channels {list(widths)} downsamples {2 ** (len(widths) - 1)}x "
-                         f"but the VAE downsamples {stride}x: give {int(math.log2(stride)) + 1} widths.")  # fmt: skip
+                         f"but {model}: give {int(math.log2(stride)) + 1} width(s).")  # fmt: skip
     if args.connect == "mid_block" and unet.mid_block is None:
         raise ValueError("--connect mid_block needs a UNet with a middle block; this one has none.")
     return cls.from_unet(unet, conditioning_channels=conditioning_channels, conditioning_embedding_out_channels=tuple(widths),
@@ -410,6 +428,14 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    if is_class_conditional_base(args.pretrained_model_name_or_path, args.revision):
+        return train_for_class_conditional(args, argv)
+    if args.dataset == DIGITS:
+        raise ValueError(
+            f"--dataset {DIGITS} (class labels and glyph edges) trains a ControlNet for a class-conditional base "
+            "(a ClassConditionalPipeline folder); for a Stable-Diffusion-shaped base use --dataset digits_world or "
+            "an image folder."
+        )
     accelerator = create_accelerator(args, project_name="train_controlnet")
     set_seed(args.seed)
 
@@ -424,7 +450,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
         raise ValueError(
             f"--resolution {args.resolution} must be divisible by the VAE's downsampling {vae_stride(vae)}."
         )
-    controlnet = create_controlnet(args, unet, vae, sum(channels))
+    controlnet = create_controlnet(args, unet, vae_stride(vae), sum(channels))
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     controlnet_parameters, unlocked = trainable_parameters(controlnet, unet, args)
@@ -588,12 +614,361 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
         metrics["train_wall_time_s"] = round(position.total_wall_time_s(), 1)
         with ema_weights(ema, ema_target):
             pipeline = make_pipeline(components, unwrapped.unet, unwrapped.controlnet)
-            save_output(args, argv, pipeline, unwrapped, metrics, dataset_id, condition_names, channels, history_path)
+            card = text_card(args, unwrapped, dataset_id, condition_names, channels)
+            save_output(args, argv, pipeline, unwrapped, metrics, dataset_id, card, history_path)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
             accelerator.print(f"Pushed to {url}")
         accelerator.print(f"Saved the ControlNet pipeline in {args.output_dir}")
+    end_training(accelerator)
+    return args.output_dir
+
+
+# ------------------------------------------------------------------------------- class-conditional base models
+
+
+def is_class_conditional_base(name_or_path: str, revision: Optional[str] = None) -> bool:
+    """Whether the base is a class-conditional pipeline: `ClassConditionalPipeline` in model_index.json, or a
+    `UNet2DModel` as its unet."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
+    class_name = index.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
+    unet = index.get("unet") or [None, None]
+    return str(class_name).endswith("ClassConditionalPipeline") or unet[-1] == "UNet2DModel"
+
+
+class ControlledClassUNet(torch.nn.Module):
+    """ControlNet + class-conditional UNet2DModel in one `forward` (one module for DDP / FSDP, as `ControlledUNet`).
+    `UNet2DModel.forward` takes no residuals, so the UNet runs through `unet2d_forward_with_residuals`."""
+
+    def __init__(self, controlnet, unet):
+        super().__init__()
+        self.controlnet, self.unet = controlnet, unet
+
+    def forward(self, noisy, timesteps, class_labels, conditions):
+        from storydiff.models.controlnet_variants import unet2d_forward_with_residuals
+
+        down, mid = self.controlnet(noisy, timesteps, None, conditions, class_labels=class_labels, return_dict=False)
+        return unet2d_forward_with_residuals(self.unet, noisy, timesteps, class_labels, down, mid).sample
+
+
+class WithConditions(torch.utils.data.Dataset):
+    """A dataset's items with `"conditions"` added (one (C, H, W) tensor per item)."""
+
+    def __init__(self, dataset, conditions: torch.Tensor):
+        self.dataset, self.conditions = dataset, conditions
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return {**self.dataset[index], "conditions": self.conditions[index]}
+
+
+def glyph_edges(images: torch.Tensor) -> torch.Tensor:
+    """Canny edges (N, 1, H, W) in {0, 1} of (N, 1, H, W) images in [-1, 1], made on the [0, 1] image."""
+    from storydiff.conditioning import canny_edges
+
+    return torch.stack(canny_edges(list(((images[:, 0] + 1) / 2).clamp(0, 1).numpy()), output_type="pt"))
+
+
+def load_class_conditional_base(args):
+    """The base `ClassConditionalPipeline`, checked: a pixel-space UNet2DModel at --resolution."""
+    from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
+
+    base = ClassConditionalPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    if base.unet is None or base.vae is not None:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is a ClassConditionalPipeline with "
+            f"{'a DiT transformer' if base.unet is None else 'a VAE'}; ControlNet training supports pixel-space "
+            "class-conditional UNet2DModel bases (a unet and no vae), such as storydiff/checkpoints/digits-class-conditional."
+        )
+    size = base.unet.config.sample_size
+    if args.resolution != size:
+        raise ValueError(
+            f"--resolution {args.resolution} does not match the base model's image size {size} (it works in pixel "
+            f"space): pass --resolution {size}."
+        )
+    return base
+
+
+def class_pipeline(base, unet, controlnet):
+    """The base's `ClassConditionalPipeline` with the (trained) UNet and ControlNet and a DDIM scheduler."""
+    from diffusers import DDIMScheduler
+
+    return type(base)(scheduler=DDIMScheduler.from_config(base.scheduler.config), unet=unet, controlnet=controlnet,
+                      num_classes=base.config.num_classes, id2label=base.config.id2label)  # fmt: skip
+
+
+def generate_classes(pipeline, labels, conditions, guidance_scale, num_inference_steps, seed) -> np.ndarray:
+    """Images (N, H, W, C) in [0, 1] of the given classes with their conditions, in batches, with a fixed seed."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(labels), 64):
+        images.append(pipeline(class_labels=[int(label) for label in labels[start : start + 64]],
+                               control_image=conditions[start : start + 64].to(pipeline.device, pipeline.unet.dtype),
+                               guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                               generator=torch.Generator().manual_seed(seed + start), output_type="np").images)  # fmt: skip
+    return np.concatenate(images)
+
+
+@torch.no_grad()
+def generate_null_class(pipeline, conditions, num_inference_steps, seed) -> np.ndarray:
+    """Images (N, H, W, C) in [0, 1] with the null class: the condition alone steers (the pipeline cannot be asked
+    for the null class, so this is its sampling loop without guidance)."""
+    scheduler = copy.deepcopy(pipeline.scheduler)
+    scheduler.set_timesteps(num_inference_steps)
+    model = ControlledClassUNet(pipeline.controlnet, pipeline.unet)
+    conditions = conditions.to(pipeline.device, pipeline.unet.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(conditions), pipeline.unet.config.in_channels, *conditions.shape[-2:])
+    latents = torch.randn(shape, generator=generator).to(conditions) * scheduler.init_noise_sigma
+    null = torch.full((len(conditions),), pipeline.null_class_label, device=latents.device)
+    for t in scheduler.timesteps:
+        timesteps = torch.full((len(latents),), int(t), device=latents.device)
+        noise = model(scheduler.scale_model_input(latents, t), timesteps, null, conditions)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+
+def as_rgb(images: np.ndarray) -> np.ndarray:
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def evaluate_class_controlnet(pipeline, examples, guidance_scale, num_inference_steps, seed) -> dict:
+    """Edge IoU with the class (and CFG), edge IoU with the null class (the condition alone) and class accuracy of
+    the digit classifier, on held-out glyphs and their edges."""
+    from storydiff.evaluation.conditions import edge_iou
+    from storydiff.evaluation.digits import class_accuracy
+
+    labels, conditions = examples
+    images = generate_classes(pipeline, labels, conditions, guidance_scale, num_inference_steps, seed)
+    unclassed = generate_null_class(pipeline, conditions, num_inference_steps, seed)
+    edges = conditions[:, 0].numpy()
+    return {
+        "edge_iou": round(edge_iou(as_rgb(images), edges), 4),
+        "edge_iou_null_class": round(edge_iou(as_rgb(unclassed), edges), 4),
+        "class_accuracy": round(class_accuracy(images, np.asarray(labels)), 4),
+    }
+
+
+def class_validation_grid(pipeline, args, examples, step: int) -> np.ndarray:
+    """Rows: held-out glyph edges and their class; columns: the condition, then samples with different seeds."""
+    labels, conditions = examples
+    repeated = [label for label in labels for _ in range(args.num_validation_images)]
+    samples = generate_classes(pipeline, repeated, conditions.repeat_interleave(args.num_validation_images, 0),
+                               args.validation_guidance_scale, args.validation_inference_steps, args.seed)  # fmt: skip
+    cells = []
+    for row, preview in enumerate(condition_preview(conditions, [1])):
+        cells.append(preview)
+        cells.extend(as_rgb(samples[row * args.num_validation_images : (row + 1) * args.num_validation_images]))
+    return labelled_grid(np.stack(cells), rows=[f"class {label}" for label in labels],
+                         columns=["condition"] + [f"sample {i + 1}" for i in range(args.num_validation_images)],
+                         title=f"step {step}, guidance {args.validation_guidance_scale:g}", min_cell=96)  # fmt: skip
+
+
+def class_card(args, model, base) -> dict:
+    """Model card fields for a ControlNet of a class-conditional model."""
+    return dict(
+        title=f"{args.variant.capitalize()} ControlNet ({args.connect}) on digit edges, class-conditional",
+        description=(
+            f"A {args.variant} ControlNet (`storydiff.{type(model.controlnet).__name__}`, connection `{args.connect}`, "
+            f"UNet {'locked' if args.unlock == 'none' else 'unlocked: ' + args.unlock}) for the class-conditional "
+            f"pixel-space model `{args.pretrained_model_name_or_path}` ({base.config.num_classes} classes and a null "
+            "class), trained by storydiff's `training/train_controlnet.py` on scikit-learn's digits with the Canny "
+            f"edges of each glyph as the condition; class labels dropped to the null class with probability "
+            f"{args.proportion_empty_prompts}. The folder is a `ClassConditionalPipeline` with the ControlNet in "
+            "`controlnet/`. Edge IoU (3x3 tolerance) with the class and with the null class (the condition alone), "
+            "and the digit classifier's class accuracy, are measured on held-out glyphs."
+        ),
+        tags=["controlnet", "class-conditional", f"controlnet-{args.variant}"],
+        usage="import torch\nfrom storydiff import ClassConditionalPipeline\n\n"
+        'pipe = ClassConditionalPipeline.from_pretrained("path/to/this/folder")\n'
+        f"edges = torch.zeros(1, 1, {args.resolution}, {args.resolution})  # (batch, 1, height, width) in [0, 1]\n"
+        "images = pipe(class_labels=[3], control_image=edges, guidance_scale=3.0, num_inference_steps=25).images",
+    )
+
+
+def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """The class-conditional path: a ControlNet for a pixel-space class-conditional UNet2DModel on digit edges."""
+    from diffusers import DDPMScheduler
+
+    from storydiff.data.digits import digits_arrays
+    from storydiff.training.train_class_conditional import load_training_data as load_class_data
+
+    if args.dataset != DIGITS:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is class-conditional: train its ControlNet on --dataset {DIGITS} "
+            "(class labels, with the Canny edges of each glyph as the condition)."
+        )
+    accelerator = create_accelerator(args, project_name="train_controlnet")
+    set_seed(args.seed)
+    base = load_class_conditional_base(args)
+    labelled, num_classes, _, dataset_id = load_class_data(args)
+    if num_classes != base.config.num_classes:
+        raise ValueError(f"The data has {num_classes} classes, the base model {base.config.num_classes}.")
+    dataset = WithConditions(labelled, glyph_edges(labelled.images))
+    unet, null_class = base.unet, base.null_class_label
+    if args.conditioning_channels is not None and args.conditioning_channels != 1:
+        raise ValueError(f"--conditioning_channels {args.conditioning_channels} does not match the data: "
+                         "{'edges': 1} make 1 channel(s).")  # fmt: skip
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    controlnet = create_controlnet(args, unet, 1, 1)
+    controlnet_parameters, unlocked = trainable_parameters(controlnet, unet, args)
+    if args.gradient_checkpointing:
+        if controlnet._supports_gradient_checkpointing:
+            controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+    model = ControlledClassUNet(controlnet, unet)
+    groups = [{"params": controlnet_parameters}]
+    if unlocked:
+        groups.append({"params": unlocked, "lr": args.unlocked_learning_rate})
+
+    sampler = SeededEpochSampler(len(dataset), seed=args.seed)
+    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                            num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
+    optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(groups, args, accelerator, max_train_steps)
+    settings = resume_settings(
+        args,
+        accelerator,
+        dataset={"name": dataset_id, "num_examples": len(dataset), "conditions": ["edges"]},
+        model_config={
+            "controlnet": controlnet.config,
+            "unet": unet.config,
+            "unlock": args.unlock,
+            "unlocked_learning_rate": args.unlocked_learning_rate,
+            "proportion_empty_prompts": args.proportion_empty_prompts,
+        },  # fmt: skip
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    ema_target = controlnet if not unlocked else torch.nn.ModuleList([controlnet, unet])
+    ema = create_ema(ema_target, args.ema_decay, args.ema_power) if args.use_ema else None
+    register_ema_checkpointing(accelerator, ema)
+
+    position = TrainingPosition()
+    checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print("No checkpoint to resume from yet; starting a new run.")
+
+    def held_out(count: int) -> tuple:
+        images, labels = digits_arrays("test", args.resolution)
+        return labels[:count].tolist(), glyph_edges(images[:count])
+
+    validation_examples, evaluation_examples = (
+        held_out(args.num_validation_examples),
+        held_out(args.num_evaluation_images),
+    )
+    history_path = os.path.join(args.output_dir, "evaluation_history.jsonl")
+
+    def sample_and_measure(step: int, validate: bool, evaluate: bool) -> Optional[dict]:
+        unwrapped = accelerator.unwrap_model(model).eval()
+        with ema_weights(ema, ema_target):
+            pipeline = class_pipeline(base, unwrapped.unet, unwrapped.controlnet)
+            if validate:
+                grid = class_validation_grid(pipeline, args, validation_examples, step)
+                path = save_grid(grid, os.path.join(args.output_dir, "validation", f"step_{step:06d}.png"))
+                for tracker in accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+                accelerator.print(f"Validation grid: {path}")
+            metrics = None
+            if evaluate:
+                metrics = evaluate_class_controlnet(pipeline, evaluation_examples, args.validation_guidance_scale,
+                                                    args.validation_inference_steps, args.seed)  # fmt: skip
+        model.train()
+        if metrics is not None:
+            accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
+            with open(history_path, "a") as file:
+                file.write(json.dumps({"step": step, **metrics}) + "\n")
+        return metrics
+
+    example_log = open(args.debug_example_log, "a") if args.debug_example_log and accelerator.is_main_process else None
+    progress = tqdm(total=max_train_steps, initial=position.global_step, desc="Training steps",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    for epoch, batches in epoch_batches(dataloader, position, num_epochs):
+        if position.global_step >= max_train_steps:
+            break
+        model.train()
+        for batch in batches:
+            position.batches_in_epoch += 1
+            if example_log is not None:
+                example_log.write(
+                    json.dumps({"step": position.global_step, "indices": batch["index"].tolist()}) + "\n"
+                )
+                example_log.flush()
+            clean, labels, conditions = batch["pixel_values"], batch["class_labels"], batch["conditions"]
+            # the class analogue of empty captions: the ControlNet must learn to read the condition on its own
+            drop = torch.rand(labels.shape, device=labels.device) < args.proportion_empty_prompts
+            labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+            noise = torch.randn_like(clean)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
+                                      device=clean.device)  # fmt: skip
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(clean, noise, timesteps)
+            else:
+                target = noise
+
+            with accelerator.accumulate(model):
+                prediction = model(noisy, timesteps, labels, conditions)
+                loss = debug_nan_loss(F.mse_loss(prediction.float(), target.float()), args, position.global_step)
+                step_loss = check_finite_loss(accelerator, loss, position.global_step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(controlnet_parameters + unlocked, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.step(ema_target.parameters())
+            position.global_step += 1
+            position.record_loss(step_loss)
+            accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=position.global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
+
+            if position.global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
+            step = position.global_step
+            validate = step % args.validation_steps == 0 and step < max_train_steps
+            evaluate = args.evaluation_steps and step % args.evaluation_steps == 0 and step < max_train_steps
+            if accelerator.is_main_process and (validate or evaluate):
+                sample_and_measure(step, validate, bool(evaluate))
+            if args.debug_step_sleep:
+                time.sleep(args.debug_step_sleep)
+            if position.global_step >= max_train_steps:
+                break
+    progress.close()
+    if example_log is not None:
+        example_log.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model).eval()
+        metrics = {"train_steps": position.global_step, **recent_loss_metric(position.recent_losses),
+                   "train_examples": len(dataset), "controlnet_parameters": sum(p.numel() for p in controlnet.parameters()),
+                   "trainable_parameters": sum(p.numel() for p in controlnet_parameters + unlocked)}  # fmt: skip
+        metrics.update(sample_and_measure(position.global_step, True, True) or {})
+        metrics["train_wall_time_s"] = round(position.total_wall_time_s(), 1)
+        with ema_weights(ema, ema_target):
+            pipeline = class_pipeline(base, unwrapped.unet, unwrapped.controlnet)
+            card = class_card(args, unwrapped, base)
+            save_output(args, argv, pipeline, unwrapped, metrics, dataset_id, card, history_path)
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+            accelerator.print(f"Pushed to {url}")
+        accelerator.print(f"Saved the class-conditional ControlNet pipeline in {args.output_dir}")
     end_training(accelerator)
     return args.output_dir
 
@@ -611,8 +986,9 @@ def read_history(path: str) -> list:
     return [records[step] for step in sorted(records)]
 
 
-def save_output(args, argv, pipeline, model, metrics, dataset_id, condition_names, channels, history_path) -> None:
-    """The pipeline, metrics, evaluation history and model card, replacing the old output atomically."""
+def save_output(args, argv, pipeline, model, metrics, dataset_id, card: dict, history_path) -> None:
+    """The pipeline, metrics, evaluation history and model card (`card`: title, description, tags, usage), replacing
+    the old output atomically."""
     validation_grid_path = os.path.join(args.output_dir, "validation", f"step_{metrics['train_steps']:06d}.png")
 
     def write(folder: str) -> None:
@@ -628,40 +1004,50 @@ def save_output(args, argv, pipeline, model, metrics, dataset_id, condition_name
         if history:
             with open(os.path.join(folder, "evaluation_history.json"), "w") as file:
                 json.dump(history, file, indent=1)
-        conditions = ", ".join(
-            f"{name} ({count} channel{'s' if count > 1 else ''})" for name, count in zip(condition_names, channels)
-        )
-        controlnet_class = type(model.controlnet).__name__
-        description = (
-            f"A {args.variant} ControlNet (`storydiff.{controlnet_class}`, connection `{args.connect}`, UNet "
-            f"{'locked' if args.unlock == 'none' else 'unlocked: ' + args.unlock}) for the Stable-Diffusion-shaped "
-            f"model `{args.pretrained_model_name_or_path}`, trained by storydiff's `training/train_controlnet.py` on "
-            f"{conditions}. The folder is a whole `DynamicCFGStableDiffusionControlNetPipeline` (the stock "
-            "`StableDiffusionControlNetPipeline` plus guidance schedules); the ControlNet alone is in `controlnet/`. Condition dropout (drop each / drop all / keep all): "
-            f"{args.condition_drop_each} / {args.condition_drop_all} / {args.condition_keep_all}; empty captions "
-            f"{args.proportion_empty_prompts}. Where the data is the digits world, edge IoU (3x3 tolerance), caption "
-            "adherence and Frechet distance are measured on held-out conditions."
-        )
         write_model_card(
             folder,
-            title=f"{args.variant.capitalize()} ControlNet ({args.connect}) on {dataset_id or 'an image folder'}",
-            description=description,
-            tags=["controlnet", "stable-diffusion", f"controlnet-{args.variant}"],
+            **card,
             command=training_command(argv, script=os.path.abspath(__file__)),
             metrics={k: v for k, v in metrics.items() if v is not None},
             datasets=[dataset_id] if dataset_id and "/" in dataset_id else None,
             base_model=args.pretrained_model_name_or_path,
             images=images,
-            usage="import torch\nfrom storydiff import DynamicCFGStableDiffusionControlNetPipeline\n\n"
-            'pipe = DynamicCFGStableDiffusionControlNetPipeline.from_pretrained("path/to/this/folder")\n'
-            f"condition = torch.zeros(1, {sum(channels)}, {args.resolution}, {args.resolution})  # (batch, channels, height, width) in [0, 1]\n"
-            'image = pipe("a large red 3 in the centre", image=condition, num_inference_steps=20).images[0]\n'
-            "# or DiffusionPipeline.from_pretrained(folder, trust_remote_code=True); the stock StableDiffusionControlNetPipeline\n"
-            "# loads it after `import storydiff.models.controlnet_variants`",
         )
 
     check_finite_weights(model)
     save_folder_atomically(args.output_dir, write)
+
+
+def describe_conditions(condition_names, channels) -> str:
+    return ", ".join(
+        f"{name} ({count} channel{'s' if count > 1 else ''})" for name, count in zip(condition_names, channels)
+    )
+
+
+def text_card(args, model, dataset_id, condition_names, channels) -> dict:
+    """Model card fields for a ControlNet of a Stable-Diffusion-shaped model."""
+    controlnet_class = type(model.controlnet).__name__
+    description = (
+        f"A {args.variant} ControlNet (`storydiff.{controlnet_class}`, connection `{args.connect}`, UNet "
+        f"{'locked' if args.unlock == 'none' else 'unlocked: ' + args.unlock}) for the Stable-Diffusion-shaped "
+        f"model `{args.pretrained_model_name_or_path}`, trained by storydiff's `training/train_controlnet.py` on "
+        f"{describe_conditions(condition_names, channels)}. The folder is a whole `DynamicCFGStableDiffusionControlNetPipeline` (the stock "
+        "`StableDiffusionControlNetPipeline` plus guidance schedules); the ControlNet alone is in `controlnet/`. Condition dropout (drop each / drop all / keep all): "
+        f"{args.condition_drop_each} / {args.condition_drop_all} / {args.condition_keep_all}; empty captions "
+        f"{args.proportion_empty_prompts}. Where the data is the digits world, edge IoU (3x3 tolerance), caption "
+        "adherence and Frechet distance are measured on held-out conditions."
+    )
+    return dict(
+        title=f"{args.variant.capitalize()} ControlNet ({args.connect}) on {dataset_id or 'an image folder'}",
+        description=description,
+        tags=["controlnet", "stable-diffusion", f"controlnet-{args.variant}"],
+        usage="import torch\nfrom storydiff import DynamicCFGStableDiffusionControlNetPipeline\n\n"
+        'pipe = DynamicCFGStableDiffusionControlNetPipeline.from_pretrained("path/to/this/folder")\n'
+        f"condition = torch.zeros(1, {sum(channels)}, {args.resolution}, {args.resolution})  # (batch, channels, height, width) in [0, 1]\n"
+        'image = pipe("a large red 3 in the centre", image=condition, num_inference_steps=20).images[0]\n'
+        "# or DiffusionPipeline.from_pretrained(folder, trust_remote_code=True); the stock StableDiffusionControlNetPipeline\n"
+        "# loads it after `import storydiff.models.controlnet_variants`",
+    )
 
 
 if __name__ == "__main__":
