@@ -324,3 +324,17 @@ def test_the_data_must_fit_the_base(class_base, base_model, tmp_path):
     with pytest.raises(ValueError, match="class-conditional base"):
         train_controlnet(["--pretrained_model_name_or_path", str(base_model), *CLASS_TINY, "--output_dir",
                           str(tmp_path / "b"), "--max_train_steps", "1"])  # fmt: skip
+
+
+def test_class_conditional_two_processes(class_base, tmp_path):
+    """2 processes (gloo) on CPU with the UNet's decoder unlocked: DDP wraps the ControlNet and the UNet together."""
+    from test_distributed_training import run_two_processes
+
+    from storydiff import ClassConditionalPipeline
+
+    out = tmp_path / "ddp"
+    run_two_processes("train_controlnet.py", ["--pretrained_model_name_or_path", str(class_base), *CLASS_TINY,
+                                              "--unlock", "decoder", "--max_train_steps", "2", "--output_dir", str(out)])  # fmt: skip
+    pipe = ClassConditionalPipeline.from_pretrained(out)
+    assert type(pipe.controlnet) is ControlNetFullModel
+    assert json.loads((out / "train_metrics.json").read_text())["train_steps"] == 2
