@@ -40,6 +40,7 @@ _EXPORTS = {
     # ControlNet variants
     "ControlNetFullModel": "storydiff.models.controlnet_variants",
     "ControlNetLiteModel": "storydiff.models.controlnet_variants",
+    "unet2d_forward_with_residuals": "storydiff.models.controlnet_variants",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,8 +15,8 @@ original `sd_locked=False`), `all` the whole UNet (storydiff's extension), both 
 An image folder's `metadata.jsonl` names each condition image with a `<column>_file_name` key (datasets reads it as
 the image column `<column>`). Several `--conditioning_image_column`s (or `--digits_conditions edges,position_colour`) train one ControlNet on their
 channel concatenation with Uni-ControlNet's per-condition dropout. The output folder is a whole
-`StableDiffusionControlNetPipeline` (the stock class and storydiff's `DynamicCFGStableDiffusionControlNetPipeline`
-load it) with the ControlNet in `controlnet/`; on the digits world the model card records edge IoU, caption
+`DynamicCFGStableDiffusionControlNetPipeline` (the stock `StableDiffusionControlNetPipeline` plus guidance schedules;
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it too) with the ControlNet in `controlnet/`; on the digits world the model card records edge IoU, caption
 adherence and Frechet distance, and `evaluation_history.json` their course over training (`--evaluation_steps`).
 EMA, exact resume, 2-process runs, TensorBoard, validation grids and `--push_to_hub` come from the shared utilities.
 
