@@ -164,7 +164,18 @@ def final_comparison(run_dir: Path, args) -> tuple:
 
 
 def histories(run_dir: Path) -> dict:
-    return {name: json.loads((run_dir / name / "evaluation_history.json").read_text()) for name in RUNS}
+    """Each run's evaluations by step (the final folder's JSON, or the log the run appends to as it goes)."""
+    from storydiff.training.train_controlnet import read_history
+
+    curves = {}
+    for name in RUNS:
+        saved = run_dir / name / "evaluation_history.json"
+        curves[name] = (
+            json.loads(saved.read_text())
+            if saved.is_file()
+            else read_history(str(run_dir / name / "evaluation_history.jsonl"))
+        )
+    return curves
 
 
 def sudden_convergence(history: list) -> dict:

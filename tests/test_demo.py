@@ -24,6 +24,10 @@ import storydiff.demo.video_ldm as video_ldm
 
 video_ldm.DEMO_NUM_CAPTIONS = 4
 video_ldm.DEMO_INFERENCE_STEPS = 3
+import storydiff.demo.controlnet as controlnet
+
+controlnet.DEMO_NUM_CONDITIONS = 4
+controlnet.DEMO_INFERENCE_STEPS = 3
 sys.exit(main(["demo", "--output-dir", sys.argv[1]]))
 """
 
@@ -61,6 +65,14 @@ def test_demo_command_writes_the_grid_and_the_metrics_table_from_a_plain_install
     video_table = (output_dir / "video_ldm_metrics.md").read_text()
     assert "| Video LDM |" in video_table and "| image model per frame |" in video_table
     assert "| reconstruction guidance |" in video_table and (output_dir / "video_ldm_extension.png").is_file()
+    # the ControlNet section: samples, the photograph through Canny, the table with and without prompts
+    controlnet_table = (output_dir / "controlnet_metrics.md").read_text()
+    for row in ("| base model (no control) |", "| full ControlNet |", "| lite ControlNet |", "| full, no prompt |",
+                "| edges + mask, no prompt |"):  # fmt: skip
+        assert row in controlnet_table
+    with PIL.Image.open(output_dir / "controlnet_photo.png") as photo:
+        assert photo.width > 600 and np.asarray(photo.convert("L")).std() > 10
+    assert (output_dir / "controlnet_samples.png").stat().st_size > 0
     printed = result.stdout
     assert str(grid.resolve()) in printed and "dynamic_cfg_metrics.md" in printed
     assert "director_3_blender.py" in printed

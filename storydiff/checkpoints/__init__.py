@@ -8,8 +8,11 @@
 >>> pipe = StableDiffusionPipeline.from_pretrained(text_to_image_pipeline_path())
 >>> from storydiff.checkpoints import video_ldm_pipeline
 >>> video_pipe = video_ldm_pipeline()
+>>> from storydiff.checkpoints import controlnet_pipeline
+>>> control_pipe = controlnet_pipeline("digits-controlnet-edges")
 """
 
+import json
 from pathlib import Path
 
 _FOLDER = Path(__file__).resolve().parent
@@ -70,5 +73,53 @@ def video_ldm_pipeline(device: str = "cpu"):
         tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
         unet=unet,
         scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"),
+    )
+    return pipe.to(device)
+
+
+DIGITS_CONTROLNET_EDGES = "digits-controlnet-edges"
+DIGITS_CONTROLNET_LITE_EDGES = "digits-controlnet-lite-edges"
+DIGITS_CONTROLNET_EDGES_POSITION = "digits-controlnet-edges-position"
+
+
+def controlnet_pipeline(controlnets=DIGITS_CONTROLNET_EDGES, device: str = "cpu"):
+    """A `DynamicCFGStableDiffusionControlNetPipeline` of the shipped digits text-to-image model with shipped
+    ControlNet(s), trained by training/train_controlnet.py (commands and measured edge IoU in their README.md):
+
+    - `"digits-controlnet-edges"`: the full ControlNet on Canny edges of the canvas (1 channel, 32x32);
+    - `"digits-controlnet-lite-edges"`: ControlNet-lite on the same edges;
+    - `"digits-controlnet-edges-position"`: one full ControlNet on edges + a position/colour mask (4 channels:
+      edges, then the digit's box filled with its RGB colour), trained with per-condition dropout.
+
+    `controlnets` is one name or a list of names (a `MultiControlNetModel`; give one condition per ControlNet). Only
+    the ControlNet weights are shipped; the base components come from `text_to_image_pipeline_path()`.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from storydiff.custom_pipelines.dynamic_cfg_stable_diffusion_controlnet import (
+        DynamicCFGStableDiffusionControlNetPipeline,
+    )
+    from storydiff.models.controlnet_variants import ControlNetFullModel, ControlNetLiteModel
+
+    names = [controlnets] if isinstance(controlnets, str) else list(controlnets)
+    models = []
+    for name in names:
+        folder = Path(checkpoint_path(name))
+        variant = json.loads((folder / "config.json").read_text())["_class_name"]
+        models.append(
+            (ControlNetLiteModel if variant == "ControlNetLiteModel" else ControlNetFullModel).from_pretrained(folder)
+        )
+    base = text_to_image_pipeline_path()
+    pipe = DynamicCFGStableDiffusionControlNetPipeline(
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+        controlnet=models[0] if len(models) == 1 else models,
+        scheduler=DDIMScheduler.from_pretrained(base, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     return pipe.to(device)

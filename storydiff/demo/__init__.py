@@ -46,6 +46,7 @@ DEMO_SECTIONS: list[DemoSection] = [
         "Text-to-image on the digits world", "text_to_image", "storydiff.demo.text_to_image:text_to_image_demo"
     ),
     DemoSection("Video LDM on moving digits", "video_ldm", "storydiff.demo.video_ldm:video_ldm_demo"),
+    DemoSection("ControlNet variants on the digits world", "controlnet", "storydiff.demo.controlnet:controlnet_demo"),
 ]
 
 DEMO_CPU_THREADS = 1
