@@ -25,7 +25,8 @@ pixel-space `UNet2DModel` (the shipped digits-class-conditional model), the scri
 `--dataset digits` with the Canny edges of each glyph as the condition; class labels drop to the null class with
 `--proportion_empty_prompts` (the class analogue of empty captions). The output is a `ClassConditionalPipeline`
 with the ControlNet in `controlnet/`; the card records edge IoU (with the class, and with the null class, where the
-condition does all the work) and class accuracy.
+condition does all the work) and class accuracy. Its model, data, sampling and card are in
+training/controlnet_class_conditional.py; the training loop (`train_controlnet`) is shared.
 
     accelerate launch training/train_controlnet.py --pretrained_model_name_or_path storydiff/checkpoints/digits-class-conditional \\
         --dataset digits --resolution 16 --variant lite --output_dir digits-class-cn
@@ -161,9 +162,10 @@ def check_controlnet_arguments(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parse_args_or_exit(parse_args)  # --help and bad flags answer here, before the imports below take seconds
 
-import copy
 import json
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -182,6 +184,17 @@ from storydiff.training.checkpointing import (
     load_checkpoint,
     resume_settings,
     save_checkpoint,
+)
+from storydiff.training.controlnet_class_conditional import (
+    ControlledClassUNet,
+    WithConditions,
+    class_card,
+    class_pipeline,
+    class_validation_grid,
+    evaluate_class_controlnet,
+    glyph_edges,
+    is_class_conditional_base,
+    load_class_conditional_base,
 )
 from storydiff.training.controlnet_data import (
     ImageConditionDataset,
@@ -428,9 +441,15 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 
 def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
-    if is_class_conditional_base(args.pretrained_model_name_or_path, args.revision):
-        return train_for_class_conditional(args, argv)
-    if args.dataset == DIGITS:
+    """Trains a ControlNet for the base model's kind: Stable-Diffusion-shaped (captions, latent space) or
+    class-conditional (class labels, pixel space)."""
+    class_conditional = is_class_conditional_base(args.pretrained_model_name_or_path, args.revision)
+    if class_conditional and args.dataset != DIGITS:
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is class-conditional: train its ControlNet on --dataset {DIGITS} "
+            "(class labels, with the Canny edges of each glyph as the condition)."
+        )
+    if not class_conditional and args.dataset == DIGITS:
         raise ValueError(
             f"--dataset {DIGITS} (class labels and glyph edges) trains a ControlNet for a class-conditional base "
             "(a ClassConditionalPipeline folder); for a Stable-Diffusion-shaped base use --dataset digits_world or "
@@ -438,14 +457,42 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
         )
     accelerator = create_accelerator(args, project_name="train_controlnet")
     set_seed(args.seed)
+    base = class_conditional_base(args) if class_conditional else text_base(args)
+    return train_controlnet(args, argv, accelerator, base)
 
+
+@dataclass
+class ControlNetBase:
+    """What one kind of base model brings to the shared training loop (`train_controlnet`)."""
+
+    model: torch.nn.Module  # ControlNet + UNet in one forward(noisy, timesteps, context, conditions)
+    noise_scheduler: object
+    dataset: torch.utils.data.Dataset
+    dataset_id: Optional[str]
+    dataset_settings: dict  # what identifies the data for an exact resume
+    # batch -> (clean latents or pixels, context: text embeddings or class labels, conditions); draws the dropouts
+    batch_to_model_inputs: Callable
+    held_out: Callable  # () -> (validation examples, evaluation examples or None), made after a resume
+    make_pipeline: Callable  # (unet, controlnet) -> the pipeline that samples and is saved
+    validation_grid: Callable  # (pipeline, validation examples, step) -> grid image
+    evaluate: Callable  # (pipeline, evaluation examples) -> metrics
+    card: Callable  # (unwrapped model) -> model card fields
+    name: str = "ControlNet pipeline"  # in the last message
+    collate_fn: Optional[Callable] = None
+    frozen: tuple = ()  # modules that only run forward (VAE, text encoder): moved to the device after `prepare`
+    extra_settings: dict = field(default_factory=dict)  # more resume settings of the model
+
+
+def text_base(args) -> ControlNetBase:
+    """A Stable-Diffusion-shaped base: images through the VAE, captions (some emptied) through the text encoder,
+    conditions with per-condition dropout."""
     dataset, dataset_id, condition_names, channels = load_training_data(args)
     if args.conditioning_channels is not None and args.conditioning_channels != sum(channels):
         raise ValueError(f"--conditioning_channels {args.conditioning_channels} does not match the data: "
                          f"{dict(zip(condition_names, channels))} make {sum(channels)} channel(s).")  # fmt: skip
     components = load_sd_shaped_components(args.pretrained_model_name_or_path, args.revision)
     vae, text_encoder, tokenizer = components["vae"], components["text_encoder"], components["tokenizer"]
-    unet, noise_scheduler = components["unet"], components["scheduler"]
+    unet = components["unet"]
     if args.resolution % vae_stride(vae):
         raise ValueError(
             f"--resolution {args.resolution} must be divisible by the VAE's downsampling {vae_stride(vae)}."
@@ -453,359 +500,69 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
     controlnet = create_controlnet(args, unet, vae_stride(vae), sum(channels))
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    controlnet_parameters, unlocked = trainable_parameters(controlnet, unet, args)
-    if args.gradient_checkpointing:
-        if controlnet._supports_gradient_checkpointing:
-            controlnet.enable_gradient_checkpointing()
-        unet.enable_gradient_checkpointing()
-    model = ControlledUNet(controlnet, unet)
-    groups = [{"params": controlnet_parameters}]
-    if unlocked:
-        groups.append({"params": unlocked, "lr": args.unlocked_learning_rate})
+    boundaries = np.cumsum([0] + channels)
 
-    sampler = SeededEpochSampler(len(dataset), seed=args.seed)
-    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate_image_conditions,
-                            num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-    updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
-    optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(groups, args, accelerator, max_train_steps)
-    settings = resume_settings(
-        args,
-        accelerator,
-        dataset={
+    @torch.no_grad()
+    def batch_to_model_inputs(batch) -> tuple:
+        latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        drop = torch.rand(len(batch["captions"])) < args.proportion_empty_prompts
+        captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())]
+        input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(latents.device)  # fmt: skip
+        encoder_hidden_states = text_encoder(input_ids)[0]
+        conditions = batch["conditions"].to(latents.device, latents.dtype)
+        keep = condition_dropout_mask(len(conditions), len(channels), args.condition_drop_each,
+                                      args.condition_drop_all, args.condition_keep_all)  # fmt: skip
+        for index in range(len(channels)):
+            conditions[:, boundaries[index] : boundaries[index + 1]] *= keep[:, index, None, None, None].to(conditions)
+        return latents, encoder_hidden_states, conditions
+
+    def held_out() -> tuple:
+        validation = held_out_examples(args, args.num_validation_examples, dataset)
+        evaluation = (
+            held_out_examples(args, args.num_evaluation_images, dataset) if args.dataset == DIGITS_WORLD else None
+        )
+        return validation, evaluation
+
+    return ControlNetBase(
+        model=ControlledUNet(controlnet, unet),
+        noise_scheduler=components["scheduler"],
+        dataset=dataset,
+        dataset_id=dataset_id,
+        dataset_settings={
             "name": dataset_id or args.train_data_dir,
             "num_examples": len(dataset),
             "conditions": condition_names,
         },
-        model_config={
-            "controlnet": controlnet.config,
-            "unet": unet.config,
-            "unlock": args.unlock,
-            "unlocked_learning_rate": args.unlocked_learning_rate,
-            "condition_dropout": [args.condition_drop_each, args.condition_drop_all, args.condition_keep_all],
-            "proportion_empty_prompts": args.proportion_empty_prompts,
-        },  # fmt: skip
-    )
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    vae.to(accelerator.device)
-    text_encoder.to(accelerator.device)
-    ema_target = controlnet if not unlocked else torch.nn.ModuleList([controlnet, unet])
-    ema = create_ema(ema_target, args.ema_decay, args.ema_power) if args.use_ema else None
-    register_ema_checkpointing(accelerator, ema)
-
-    position = TrainingPosition()
-    checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from {checkpoint}")
-        position = load_checkpoint(accelerator, checkpoint, settings, args.allow_resume_with_changed_settings)
-    elif args.resume_from_checkpoint is not None:
-        accelerator.print("No checkpoint to resume from yet; starting a new run.")
-
-    validation_examples = held_out_examples(args, args.num_validation_examples, dataset)
-    evaluation_examples = (
-        held_out_examples(args, args.num_evaluation_images, dataset) if args.dataset == DIGITS_WORLD else None
-    )
-    history_path = os.path.join(args.output_dir, "evaluation_history.jsonl")
-
-    def sample_and_measure(step: int, validate: bool, evaluate: bool) -> Optional[dict]:
-        unwrapped = accelerator.unwrap_model(model).eval()
-        with ema_weights(ema, ema_target):
-            pipeline = make_pipeline(components, unwrapped.unet, unwrapped.controlnet)
-            if validate:
-                grid = validation_grid(pipeline, args, validation_examples, channels, step)
-                path = save_grid(grid, os.path.join(args.output_dir, "validation", f"step_{step:06d}.png"))
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.writer.add_image("validation", grid, step, dataformats="HWC")
-                accelerator.print(f"Validation grid: {path}")
-            metrics = None
-            if evaluate:
-                metrics = evaluate_digits(pipeline, args.digits_conditions, evaluation_examples,
-                                          args.validation_guidance_scale, args.validation_inference_steps, args.seed)  # fmt: skip
-        model.train()
-        if metrics is not None:
-            accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
-            with open(history_path, "a") as file:
-                file.write(json.dumps({"step": step, **metrics}) + "\n")
-        return metrics
-
-    example_log = open(args.debug_example_log, "a") if args.debug_example_log and accelerator.is_main_process else None
-    progress = tqdm(total=max_train_steps, initial=position.global_step, desc="Training steps",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
-    scaling_factor = vae.config.scaling_factor
-    boundaries = np.cumsum([0] + channels)
-    for epoch, batches in epoch_batches(dataloader, position, num_epochs):
-        if position.global_step >= max_train_steps:
-            break
-        model.train()
-        for batch in batches:
-            position.batches_in_epoch += 1
-            if example_log is not None:
-                example_log.write(
-                    json.dumps({"step": position.global_step, "indices": batch["index"].tolist()}) + "\n"
-                )
-                example_log.flush()
-            with torch.no_grad():
-                latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample() * scaling_factor
-                drop = torch.rand(len(batch["captions"])) < args.proportion_empty_prompts
-                captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())]
-                input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                      truncation=True, return_tensors="pt").input_ids.to(latents.device)  # fmt: skip
-                encoder_hidden_states = text_encoder(input_ids)[0]
-                conditions = batch["conditions"].to(latents.device, latents.dtype)
-                keep = condition_dropout_mask(len(conditions), len(channels), args.condition_drop_each,
-                                              args.condition_drop_all, args.condition_keep_all)  # fmt: skip
-                for index in range(len(channels)):
-                    conditions[:, boundaries[index] : boundaries[index + 1]] *= keep[:, index, None, None, None].to(
-                        conditions
-                    )
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      device=latents.device)  # fmt: skip
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-
-            with accelerator.accumulate(model):
-                prediction = model(noisy, timesteps, encoder_hidden_states, conditions)
-                loss = debug_nan_loss(F.mse_loss(prediction.float(), target.float()), args, position.global_step)
-                step_loss = check_finite_loss(accelerator, loss, position.global_step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(controlnet_parameters + unlocked, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(ema_target.parameters())
-            position.global_step += 1
-            position.record_loss(step_loss)
-            accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=position.global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
-
-            if position.global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
-            step = position.global_step
-            validate = step % args.validation_steps == 0 and step < max_train_steps
-            evaluate = bool(evaluation_examples) and args.evaluation_steps and step % args.evaluation_steps == 0
-            if accelerator.is_main_process and (validate or (evaluate and step < max_train_steps)):
-                sample_and_measure(step, validate, evaluate and step < max_train_steps)
-            if args.debug_step_sleep:
-                time.sleep(args.debug_step_sleep)
-            if position.global_step >= max_train_steps:
-                break
-    progress.close()
-    if example_log is not None:
-        example_log.close()
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model).eval()
-        metrics = {"train_steps": position.global_step, **recent_loss_metric(position.recent_losses),
-                   "train_examples": len(dataset), "controlnet_parameters": sum(p.numel() for p in controlnet.parameters()),
-                   "trainable_parameters": sum(p.numel() for p in controlnet_parameters + unlocked)}  # fmt: skip
-        final = sample_and_measure(position.global_step, True, bool(evaluation_examples))
-        metrics.update(final or {})
-        metrics["train_wall_time_s"] = round(position.total_wall_time_s(), 1)
-        with ema_weights(ema, ema_target):
-            pipeline = make_pipeline(components, unwrapped.unet, unwrapped.controlnet)
-            card = text_card(args, unwrapped, dataset_id, condition_names, channels)
-            save_output(args, argv, pipeline, unwrapped, metrics, dataset_id, card, history_path)
-        if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
-            accelerator.print(f"Pushed to {url}")
-        accelerator.print(f"Saved the ControlNet pipeline in {args.output_dir}")
-    end_training(accelerator)
-    return args.output_dir
-
-
-# ------------------------------------------------------------------------------- class-conditional base models
-
-
-def is_class_conditional_base(name_or_path: str, revision: Optional[str] = None) -> bool:
-    """Whether the base is a class-conditional pipeline: `ClassConditionalPipeline` in model_index.json, or a
-    `UNet2DModel` as its unet."""
-    from diffusers import DiffusionPipeline
-
-    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
-    class_name = index.get("_class_name")
-    class_name = class_name[-1] if isinstance(class_name, (list, tuple)) else class_name
-    unet = index.get("unet") or [None, None]
-    return str(class_name).endswith("ClassConditionalPipeline") or unet[-1] == "UNet2DModel"
-
-
-class ControlledClassUNet(torch.nn.Module):
-    """ControlNet + class-conditional UNet2DModel in one `forward` (one module for DDP / FSDP, as `ControlledUNet`).
-    `UNet2DModel.forward` takes no residuals, so the UNet runs through `unet2d_forward_with_residuals`."""
-
-    def __init__(self, controlnet, unet):
-        super().__init__()
-        self.controlnet, self.unet = controlnet, unet
-
-    def forward(self, noisy, timesteps, class_labels, conditions):
-        from storydiff.models.controlnet_variants import unet2d_forward_with_residuals
-
-        down, mid = self.controlnet(noisy, timesteps, None, conditions, class_labels=class_labels, return_dict=False)
-        return unet2d_forward_with_residuals(self.unet, noisy, timesteps, class_labels, down, mid).sample
-
-
-class WithConditions(torch.utils.data.Dataset):
-    """A dataset's items with `"conditions"` added (one (C, H, W) tensor per item)."""
-
-    def __init__(self, dataset, conditions: torch.Tensor):
-        self.dataset, self.conditions = dataset, conditions
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return {**self.dataset[index], "conditions": self.conditions[index]}
-
-
-def glyph_edges(images: torch.Tensor) -> torch.Tensor:
-    """Canny edges (N, 1, H, W) in {0, 1} of (N, 1, H, W) images in [-1, 1], made on the [0, 1] image."""
-    from storydiff.conditioning import canny_edges
-
-    return torch.stack(canny_edges(list(((images[:, 0] + 1) / 2).clamp(0, 1).numpy()), output_type="pt"))
-
-
-def load_class_conditional_base(args):
-    """The base `ClassConditionalPipeline`, checked: a pixel-space UNet2DModel at --resolution."""
-    from storydiff.custom_pipelines.class_conditional import ClassConditionalPipeline
-
-    base = ClassConditionalPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
-    if base.unet is None or base.vae is not None:
-        raise ValueError(
-            f"{args.pretrained_model_name_or_path} is a ClassConditionalPipeline with "
-            f"{'a DiT transformer' if base.unet is None else 'a VAE'}; ControlNet training supports pixel-space "
-            "class-conditional UNet2DModel bases (a unet and no vae), such as storydiff/checkpoints/digits-class-conditional."
-        )
-    size = base.unet.config.sample_size
-    if args.resolution != size:
-        raise ValueError(
-            f"--resolution {args.resolution} does not match the base model's image size {size} (it works in pixel "
-            f"space): pass --resolution {size}."
-        )
-    return base
-
-
-def class_pipeline(base, unet, controlnet):
-    """The base's `ClassConditionalPipeline` with the (trained) UNet and ControlNet and a DDIM scheduler."""
-    from diffusers import DDIMScheduler
-
-    return type(base)(scheduler=DDIMScheduler.from_config(base.scheduler.config), unet=unet, controlnet=controlnet,
-                      num_classes=base.config.num_classes, id2label=base.config.id2label)  # fmt: skip
-
-
-def generate_classes(pipeline, labels, conditions, guidance_scale, num_inference_steps, seed) -> np.ndarray:
-    """Images (N, H, W, C) in [0, 1] of the given classes with their conditions, in batches, with a fixed seed."""
-    pipeline.set_progress_bar_config(disable=True)
-    images = []
-    for start in range(0, len(labels), 64):
-        images.append(pipeline(class_labels=[int(label) for label in labels[start : start + 64]],
-                               control_image=conditions[start : start + 64].to(pipeline.device, pipeline.unet.dtype),
-                               guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                               generator=torch.Generator().manual_seed(seed + start), output_type="np").images)  # fmt: skip
-    return np.concatenate(images)
-
-
-@torch.no_grad()
-def generate_null_class(pipeline, conditions, num_inference_steps, seed) -> np.ndarray:
-    """Images (N, H, W, C) in [0, 1] with the null class: the condition alone steers (the pipeline cannot be asked
-    for the null class, so this is its sampling loop without guidance)."""
-    scheduler = copy.deepcopy(pipeline.scheduler)
-    scheduler.set_timesteps(num_inference_steps)
-    model = ControlledClassUNet(pipeline.controlnet, pipeline.unet)
-    conditions = conditions.to(pipeline.device, pipeline.unet.dtype)
-    generator = torch.Generator().manual_seed(seed)
-    shape = (len(conditions), pipeline.unet.config.in_channels, *conditions.shape[-2:])
-    latents = torch.randn(shape, generator=generator).to(conditions) * scheduler.init_noise_sigma
-    null = torch.full((len(conditions),), pipeline.null_class_label, device=latents.device)
-    for t in scheduler.timesteps:
-        timesteps = torch.full((len(latents),), int(t), device=latents.device)
-        noise = model(scheduler.scale_model_input(latents, t), timesteps, null, conditions)
-        latents = scheduler.step(noise, t, latents).prev_sample
-    return (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-
-
-def as_rgb(images: np.ndarray) -> np.ndarray:
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
-
-
-def evaluate_class_controlnet(pipeline, examples, guidance_scale, num_inference_steps, seed) -> dict:
-    """Edge IoU with the class (and CFG), edge IoU with the null class (the condition alone) and class accuracy of
-    the digit classifier, on held-out glyphs and their edges."""
-    from storydiff.evaluation.conditions import edge_iou
-    from storydiff.evaluation.digits import class_accuracy
-
-    labels, conditions = examples
-    images = generate_classes(pipeline, labels, conditions, guidance_scale, num_inference_steps, seed)
-    unclassed = generate_null_class(pipeline, conditions, num_inference_steps, seed)
-    edges = conditions[:, 0].numpy()
-    return {
-        "edge_iou": round(edge_iou(as_rgb(images), edges), 4),
-        "edge_iou_null_class": round(edge_iou(as_rgb(unclassed), edges), 4),
-        "class_accuracy": round(class_accuracy(images, np.asarray(labels)), 4),
-    }
-
-
-def class_validation_grid(pipeline, args, examples, step: int) -> np.ndarray:
-    """Rows: held-out glyph edges and their class; columns: the condition, then samples with different seeds."""
-    labels, conditions = examples
-    repeated = [label for label in labels for _ in range(args.num_validation_images)]
-    samples = generate_classes(pipeline, repeated, conditions.repeat_interleave(args.num_validation_images, 0),
-                               args.validation_guidance_scale, args.validation_inference_steps, args.seed)  # fmt: skip
-    cells = []
-    for row, preview in enumerate(condition_preview(conditions, [1])):
-        cells.append(preview)
-        cells.extend(as_rgb(samples[row * args.num_validation_images : (row + 1) * args.num_validation_images]))
-    return labelled_grid(np.stack(cells), rows=[f"class {label}" for label in labels],
-                         columns=["condition"] + [f"sample {i + 1}" for i in range(args.num_validation_images)],
-                         title=f"step {step}, guidance {args.validation_guidance_scale:g}", min_cell=96)  # fmt: skip
-
-
-def class_card(args, model, base) -> dict:
-    """Model card fields for a ControlNet of a class-conditional model."""
-    return dict(
-        title=f"{args.variant.capitalize()} ControlNet ({args.connect}) on digit edges, class-conditional",
-        description=(
-            f"A {args.variant} ControlNet (`storydiff.{type(model.controlnet).__name__}`, connection `{args.connect}`, "
-            f"UNet {'locked' if args.unlock == 'none' else 'unlocked: ' + args.unlock}) for the class-conditional "
-            f"pixel-space model `{args.pretrained_model_name_or_path}` ({base.config.num_classes} classes and a null "
-            "class), trained by storydiff's `training/train_controlnet.py` on scikit-learn's digits with the Canny "
-            f"edges of each glyph as the condition; class labels dropped to the null class with probability "
-            f"{args.proportion_empty_prompts}. The folder is a `ClassConditionalPipeline` with the ControlNet in "
-            "`controlnet/`. Edge IoU (3x3 tolerance) with the class and with the null class (the condition alone), "
-            "and the digit classifier's class accuracy, are measured on held-out glyphs."
+        batch_to_model_inputs=batch_to_model_inputs,
+        held_out=held_out,
+        make_pipeline=lambda unet, controlnet: make_pipeline(components, unet, controlnet),
+        validation_grid=lambda pipeline, examples, step: validation_grid(pipeline, args, examples, channels, step),
+        evaluate=lambda pipeline, examples: evaluate_digits(
+            pipeline,
+            args.digits_conditions,
+            examples,
+            args.validation_guidance_scale,
+            args.validation_inference_steps,
+            args.seed,
         ),
-        tags=["controlnet", "class-conditional", f"controlnet-{args.variant}"],
-        usage="import torch\nfrom storydiff import ClassConditionalPipeline\n\n"
-        'pipe = ClassConditionalPipeline.from_pretrained("path/to/this/folder")\n'
-        f"edges = torch.zeros(1, 1, {args.resolution}, {args.resolution})  # (batch, 1, height, width) in [0, 1]\n"
-        "images = pipe(class_labels=[3], control_image=edges, guidance_scale=3.0, num_inference_steps=25).images",
+        card=lambda model: text_card(args, model, dataset_id, condition_names, channels),
+        collate_fn=collate_image_conditions,
+        frozen=(vae, text_encoder),
+        extra_settings={
+            "condition_dropout": [args.condition_drop_each, args.condition_drop_all, args.condition_keep_all]
+        },
     )
 
 
-def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -> str:
-    """The class-conditional path: a ControlNet for a pixel-space class-conditional UNet2DModel on digit edges."""
+def class_conditional_base(args) -> ControlNetBase:
+    """A pixel-space class-conditional UNet2DModel: digits with their class labels (some dropped to the null class,
+    the class analogue of empty captions) and the Canny edges of each glyph as the one condition."""
     from diffusers import DDPMScheduler
 
     from storydiff.data.digits import digits_arrays
     from storydiff.training.train_class_conditional import load_training_data as load_class_data
 
-    if args.dataset != DIGITS:
-        raise ValueError(
-            f"{args.pretrained_model_name_or_path} is class-conditional: train its ControlNet on --dataset {DIGITS} "
-            "(class labels, with the Canny edges of each glyph as the condition)."
-        )
-    accelerator = create_accelerator(args, project_name="train_controlnet")
-    set_seed(args.seed)
     base = load_class_conditional_base(args)
     labelled, num_classes, _, dataset_id = load_class_data(args)
     if num_classes != base.config.num_classes:
@@ -817,34 +574,70 @@ def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -
                          "{'edges': 1} make 1 channel(s).")  # fmt: skip
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
     controlnet = create_controlnet(args, unet, 1, 1)
+
+    def batch_to_model_inputs(batch) -> tuple:
+        clean, labels, conditions = batch["pixel_values"], batch["class_labels"], batch["conditions"]
+        # the class analogue of empty captions: the ControlNet must learn to read the condition on its own
+        drop = torch.rand(labels.shape, device=labels.device) < args.proportion_empty_prompts
+        return clean, torch.where(drop, torch.full_like(labels, null_class), labels), conditions
+
+    def held_out(count: int) -> tuple:
+        images, labels = digits_arrays("test", args.resolution)
+        return labels[:count].tolist(), glyph_edges(images[:count])
+
+    return ControlNetBase(
+        model=ControlledClassUNet(controlnet, unet),
+        noise_scheduler=noise_scheduler,
+        dataset=dataset,
+        dataset_id=dataset_id,
+        dataset_settings={"name": dataset_id, "num_examples": len(dataset), "conditions": ["edges"]},
+        batch_to_model_inputs=batch_to_model_inputs,
+        held_out=lambda: (held_out(args.num_validation_examples), held_out(args.num_evaluation_images)),
+        make_pipeline=lambda unet, controlnet: class_pipeline(base, unet, controlnet),
+        validation_grid=lambda pipeline, examples, step: class_validation_grid(pipeline, args, examples, step),
+        evaluate=lambda pipeline, examples: evaluate_class_controlnet(
+            pipeline, examples, args.validation_guidance_scale, args.validation_inference_steps, args.seed
+        ),
+        card=lambda model: class_card(args, model, base),
+        name="class-conditional ControlNet pipeline",
+    )
+
+
+def train_controlnet(args: argparse.Namespace, argv: Sequence[str], accelerator, base: ControlNetBase) -> str:
+    """The training loop of every base: noise, loss, clipping, EMA, checkpoints, validation grids, evaluation,
+    exact resume; then the final metrics, the saved pipeline and its card."""
+    model, dataset, noise_scheduler = base.model, base.dataset, base.noise_scheduler
+    controlnet, unet = model.controlnet, model.unet
     controlnet_parameters, unlocked = trainable_parameters(controlnet, unet, args)
     if args.gradient_checkpointing:
         if controlnet._supports_gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
-    model = ControlledClassUNet(controlnet, unet)
     groups = [{"params": controlnet_parameters}]
     if unlocked:
         groups.append({"params": unlocked, "lr": args.unlocked_learning_rate})
 
     sampler = SeededEpochSampler(len(dataset), seed=args.seed)
-    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=base.collate_fn,
                             num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     updates_per_epoch, max_train_steps, num_epochs = training_length(args, len(dataloader), accelerator)
     optimizer, lr_scheduler = create_optimizer_and_lr_scheduler(groups, args, accelerator, max_train_steps)
     settings = resume_settings(
         args,
         accelerator,
-        dataset={"name": dataset_id, "num_examples": len(dataset), "conditions": ["edges"]},
+        dataset=base.dataset_settings,
         model_config={
             "controlnet": controlnet.config,
             "unet": unet.config,
             "unlock": args.unlock,
             "unlocked_learning_rate": args.unlocked_learning_rate,
+            **base.extra_settings,
             "proportion_empty_prompts": args.proportion_empty_prompts,
         },  # fmt: skip
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    for module in base.frozen:
+        module.to(accelerator.device)
     ema_target = controlnet if not unlocked else torch.nn.ModuleList([controlnet, unet])
     ema = create_ema(ema_target, args.ema_decay, args.ema_power) if args.use_ema else None
     register_ema_checkpointing(accelerator, ema)
@@ -857,31 +650,22 @@ def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -
     elif args.resume_from_checkpoint is not None:
         accelerator.print("No checkpoint to resume from yet; starting a new run.")
 
-    def held_out(count: int) -> tuple:
-        images, labels = digits_arrays("test", args.resolution)
-        return labels[:count].tolist(), glyph_edges(images[:count])
-
-    validation_examples, evaluation_examples = (
-        held_out(args.num_validation_examples),
-        held_out(args.num_evaluation_images),
-    )
+    validation_examples, evaluation_examples = base.held_out()
+    can_evaluate = evaluation_examples is not None
     history_path = os.path.join(args.output_dir, "evaluation_history.jsonl")
 
     def sample_and_measure(step: int, validate: bool, evaluate: bool) -> Optional[dict]:
         unwrapped = accelerator.unwrap_model(model).eval()
         with ema_weights(ema, ema_target):
-            pipeline = class_pipeline(base, unwrapped.unet, unwrapped.controlnet)
+            pipeline = base.make_pipeline(unwrapped.unet, unwrapped.controlnet)
             if validate:
-                grid = class_validation_grid(pipeline, args, validation_examples, step)
+                grid = base.validation_grid(pipeline, validation_examples, step)
                 path = save_grid(grid, os.path.join(args.output_dir, "validation", f"step_{step:06d}.png"))
                 for tracker in accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_image("validation", grid, step, dataformats="HWC")
                 accelerator.print(f"Validation grid: {path}")
-            metrics = None
-            if evaluate:
-                metrics = evaluate_class_controlnet(pipeline, evaluation_examples, args.validation_guidance_scale,
-                                                    args.validation_inference_steps, args.seed)  # fmt: skip
+            metrics = base.evaluate(pipeline, evaluation_examples) if evaluate else None
         model.train()
         if metrics is not None:
             accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
@@ -903,10 +687,7 @@ def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -
                     json.dumps({"step": position.global_step, "indices": batch["index"].tolist()}) + "\n"
                 )
                 example_log.flush()
-            clean, labels, conditions = batch["pixel_values"], batch["class_labels"], batch["conditions"]
-            # the class analogue of empty captions: the ControlNet must learn to read the condition on its own
-            drop = torch.rand(labels.shape, device=labels.device) < args.proportion_empty_prompts
-            labels = torch.where(drop, torch.full_like(labels, null_class), labels)
+            clean, context, conditions = base.batch_to_model_inputs(batch)
             noise = torch.randn_like(clean)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                                       device=clean.device)  # fmt: skip
@@ -917,7 +698,7 @@ def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -
                 target = noise
 
             with accelerator.accumulate(model):
-                prediction = model(noisy, timesteps, labels, conditions)
+                prediction = model(noisy, timesteps, context, conditions)
                 loss = debug_nan_loss(F.mse_loss(prediction.float(), target.float()), args, position.global_step)
                 step_loss = check_finite_loss(accelerator, loss, position.global_step)
                 accelerator.backward(loss)
@@ -941,9 +722,10 @@ def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -
                 save_checkpoint(accelerator, args.output_dir, position, args.checkpoints_total_limit, settings)
             step = position.global_step
             validate = step % args.validation_steps == 0 and step < max_train_steps
-            evaluate = args.evaluation_steps and step % args.evaluation_steps == 0 and step < max_train_steps
+            evaluate = bool(can_evaluate and args.evaluation_steps and step % args.evaluation_steps == 0
+                            and step < max_train_steps)  # fmt: skip
             if accelerator.is_main_process and (validate or evaluate):
-                sample_and_measure(step, validate, bool(evaluate))
+                sample_and_measure(step, validate, evaluate)
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)
             if position.global_step >= max_train_steps:
@@ -958,17 +740,17 @@ def train_for_class_conditional(args: argparse.Namespace, argv: Sequence[str]) -
         metrics = {"train_steps": position.global_step, **recent_loss_metric(position.recent_losses),
                    "train_examples": len(dataset), "controlnet_parameters": sum(p.numel() for p in controlnet.parameters()),
                    "trainable_parameters": sum(p.numel() for p in controlnet_parameters + unlocked)}  # fmt: skip
-        metrics.update(sample_and_measure(position.global_step, True, True) or {})
+        metrics.update(sample_and_measure(position.global_step, True, can_evaluate) or {})
         metrics["train_wall_time_s"] = round(position.total_wall_time_s(), 1)
         with ema_weights(ema, ema_target):
-            pipeline = class_pipeline(base, unwrapped.unet, unwrapped.controlnet)
-            card = class_card(args, unwrapped, base)
-            save_output(args, argv, pipeline, unwrapped, metrics, dataset_id, card, history_path)
+            pipeline = base.make_pipeline(unwrapped.unet, unwrapped.controlnet)
+            card = base.card(unwrapped)
+            save_output(args, argv, pipeline, unwrapped, metrics, base.dataset_id, card, history_path)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
             accelerator.print(f"Pushed to {url}")
-        accelerator.print(f"Saved the class-conditional ControlNet pipeline in {args.output_dir}")
+        accelerator.print(f"Saved the {base.name} in {args.output_dir}")
     end_training(accelerator)
     return args.output_dir
 
