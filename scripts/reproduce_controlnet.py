@@ -54,7 +54,34 @@ RUNS = {
 }
 EDGE_RUNS = {"full_edges": "full", "lite_edges": "lite", "mid_edges": "full, mid-block only", "unlocked_edges": "full, decoder unlocked"}  # fmt: skip
 PAPER = "ADE20K segmentation: full IoU 0.35, FID 15.27; lite IoU 0.32, FID 17.92 (SD alone: FID 6.09 without the condition)"
-NOTES = ""  # hand notes on the measured figures, filled in after reading them (kept when the report is rewritten)
+# hand notes on the measured figures, written after reading them (kept when the report is rewritten)
+TRAINED_NOW = []  # runs this invocation trained (the others existed already)
+NOTES = """\
+- **Scale.** 2000 steps of batch 32 at learning rate 2e-4 on 8000 canvases; the conditions are 32x32 edge maps of
+  one digit. The paper trains at 512x512 for thousands of GPU hours; only the orderings can carry over.
+- **Full vs lite.** Fidelity follows the paper: the full copy's edge IoU is higher than lite's, without and with the
+  caption. Quality does not: lite's final Frechet distance is lower. The Frechet distance of 128 samples moves by up
+  to 14 between evaluations of one run (the second panel), more than any gap between the variants, so the
+  quality ordering is not measurable at this sample count; the paper's FID gap (15.27 vs 17.92) is not reproduced
+  here in either direction.
+- **Sudden convergence** shows in every run: the no-prompt edge IoU sits at the base model's 0.08 and then jumps by
+  0.4 to 0.56 within one 200-step interval, after which it creeps up. The paper sees it after 3-7k steps at 1e-5 on
+  SD; at 2e-4 on a 1 M-parameter UNet it comes after a few hundred. Lite and the mid-block-only connection converge
+  later than the full copy.
+- **Mid-block-only** trains (0.79) but converges later and ends lower than all connections, with a worse Frechet
+  distance: in miniature it costs fidelity and, as `benchmarks/bench_controlnet.py` measures, saves no compute
+  (the whole copy still runs).
+- **Unlocking the decoder** (twice the trained parameters, a 1.26x training step) gives the best fidelity and the
+  lowest Frechet distance of the four, as the paper's large-scale mode suggests.
+- **Composition.** Adding the residuals of two separately trained ControlNets (edges, mask) works without any
+  weighting, as the paper says: the sum follows the edges better than the edges ControlNet alone and adds some of
+  the mask's colour. The jointly trained 4-channel ControlNet (one run with per-condition dropout, half the compute of
+  the two separate runs together) is worse on every measure at 2000 steps.
+- **Colour from a mask is learned weakly by every model**: with an empty prompt the mask-only ControlNet gets the
+  colour right for 30% of canvases (chance is 1/6) but the position for 95%. In half of the training examples the
+  caption states the colour, and a colour has to be pushed through the UNet's skip features; 2000 steps were not
+  enough for it.
+"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,8 +107,11 @@ def train_missing_runs(run_dir: Path, num_threads: int, extra_flags: str = "") -
         command = f"python training/train_controlnet.py {COMMON_FLAGS} {flags} --torch_num_threads {num_threads} --output_dir {output}"
         command += f" {extra_flags}" if extra_flags else ""
         commands[name] = command
-        if (output / "train_metrics.json").is_file():
+        if (output / "train_metrics.json").is_file():  # an existing run: the command its card says made it
+            card = (output / "README.md").read_text()
+            commands[name] = card.split("```bash\n", 1)[1].split("\n```", 1)[0] if "```bash\n" in card else command
             continue
+        TRAINED_NOW.append(name)
         print(f"training {name}: {command}", flush=True)
         subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPOSITORY, check=True)
     return commands
@@ -223,7 +253,9 @@ def figure(results: dict, multi: dict, curves: dict, path: Path) -> None:
     for offset, key, label in [(-0.3, "edge_iou", "edge IoU"), (-0.1, "adherence_colour", "colour right"),
                                (0.1, "adherence_position", "position right"), (0.3, "adherence_digit", "digit right")]:  # fmt: skip
         axes[3].bar(x + offset, [multi[n][key] for n in multi_names], 0.2, label=label)
-    axes[3].set_xticks(x, [name.replace(" (", "\n(") for name in multi_names], fontsize=7)
+    short = {"joint (one ControlNet, 4 channels)": "joint\n(4 channels)", "sum of separately trained (edges + mask)":
+             "sum of two\nControlNets", "edges only (full_edges)": "edges\nonly", "mask only (full_position)": "mask\nonly"}  # fmt: skip
+    axes[3].set_xticks(x, [short.get(name, name) for name in multi_names], fontsize=7)
     axes[3].set(title="Two conditions, empty prompt:\njoint ControlNet vs summed ControlNets", ylabel="fraction / IoU")
     axes[3].legend(fontsize=7)
     fig.tight_layout()
@@ -237,14 +269,16 @@ def samples_figure(samples: dict, examples, path: Path, rows: int = 6) -> None:
     captions, both = examples
     columns = {"edges": np.repeat(both[:rows, :1].permute(0, 2, 3, 1).numpy(), 3, axis=3),
                "mask": both[:rows, 1:].permute(0, 2, 3, 1).numpy()}  # fmt: skip
-    for name, label in EDGE_RUNS.items():
+    short = {"full_edges": "full", "lite_edges": "lite", "mid_edges": "mid only", "unlocked_edges": "unlocked"}
+    for name, label in short.items():
         columns[label] = samples[name][:rows]
-        columns[f"{label}, no prompt"] = samples[f"{name}_no_prompt"][:rows]
-    columns["joint, no prompt"] = samples["joint (one ControlNet, 4 channels)"][:rows]
-    columns["sum, no prompt"] = samples["sum of separately trained (edges + mask)"][:rows]
+        columns[f"{label} *"] = samples[f"{name}_no_prompt"][:rows]
+    columns["joint *"] = samples["joint (one ControlNet, 4 channels)"][:rows]
+    columns["sum *"] = samples["sum of separately trained (edges + mask)"][:rows]
     cells = np.stack([columns[name][row] for row in range(rows) for name in columns])
     grid = labelled_grid(cells, rows=list(captions[:rows]), columns=list(columns),
-                         title="Held-out conditions, same seed", min_cell=72)  # fmt: skip
+                         title="Held-out conditions and captions, same seed (* = empty prompt; joint and sum get edges + mask)",
+                         min_cell=88)  # fmt: skip
     save_grid(grid, str(path))
 
 
@@ -347,8 +381,14 @@ def write_report(output_dir: Path, name: str, data: dict) -> None:
         "the base model at scale, report a *sudden convergence* during training and compose conditions by adding "
         "ControlNets. This page re-measures those points on storydiff's miniature: the shipped 32x32 "
         "`digits-text-to-image` model and conditions derived from digits-world canvases.\n\n"
-        f"Made by `{data['command']}` in {data['elapsed_s'] / 60:.1f} min (the six trainings included when they ran) "
-        "on a 2-core CPU. Training runs (each from the shipped base model, equal compute):\n\n"
+        f"Made by `{data['command']}` in {data['elapsed_s'] / 60:.1f} min on a 2-core CPU "
+        + (
+            f"(including the training of {', '.join(data['trained_now'])}). "
+            if data.get("trained_now")
+            else "(the evaluation only: the runs existed; their training times are in the table). "
+        )
+        + "Training runs (each from the shipped base model, equal compute; each run's folder holds its model card, "
+        "samples and evaluation history):\n\n"
         + "".join(f"- `{run}`: `{cmd}`\n" for run, cmd in data["commands"].items())
         + "\n![curves and final bars](controlnet_digits.png)\n\n"
         "## Verdict\n\n"
@@ -392,7 +432,7 @@ def main(argv=None) -> dict:
     convergence = {name: sudden_convergence(history) for name, history in curves.items() if name in EDGE_RUNS}
     data = {
         "command": "python scripts/reproduce_controlnet.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "commands": commands, "elapsed_s": time.time() - start, "num_examples": args.num_examples, "seed": args.seed,
+        "commands": commands, "trained_now": TRAINED_NOW, "elapsed_s": time.time() - start, "num_examples": args.num_examples, "seed": args.seed,
         "guidance_scale": args.guidance_scale, "num_inference_steps": args.num_inference_steps,
         "results": results, "multi": multi, "curves": curves, "convergence": convergence,
         "verdict": verdict(results, multi, convergence),
