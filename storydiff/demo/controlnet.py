@@ -137,10 +137,10 @@ def _photo_figure(path: Path, pipe, resolution: int, settings: dict, noise: torc
         0
     ]
     unprompted = pipe([""], image=edges.to(device), latents=noise.clone().to(device), **settings).images[0]
+    small_image = small.permute(1, 2, 0).numpy()
     panels = [
         (photo, f"skimage.data.{DEMO_PHOTO}()"),
-        (small.permute(1, 2, 0).numpy().squeeze(-1) if small.shape[0] == 1 else small.permute(1, 2, 0).numpy(),
-         f"resized to {resolution}x{resolution}"),  # fmt: skip
+        (small_image[:, :, 0] if small_image.shape[2] == 1 else small_image, f"resized to {resolution}x{resolution}"),
         (edges[0, 0].numpy(), f"Canny edges {DEMO_PHOTO_CANNY_THRESHOLDS}\n(the condition)"),
         (prompted, f"full ControlNet:\n'{DEMO_PHOTO_PROMPT}'"),
         (unprompted, "full ControlNet,\nno prompt"),
