@@ -49,9 +49,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "ruff>=0.6", "scikit-image", "tensorboard"],
+    "test": ["pytest>=8", "ruff>=0.6", "tensorboard"],
     "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
-    "train": ["tensorboard", "scikit-image"],
+    "train": ["tensorboard"],
     "xformers": ["xformers"],
 }
 

@@ -27,7 +27,6 @@ class OptionalPackage:
 # module name -> what installs it
 OPTIONAL_PACKAGES = {
     "tensorboard": OptionalPackage("tensorboard", "train"),
-    "skimage": OptionalPackage("scikit-image", "train"),
     "xformers": OptionalPackage("xformers", "xformers"),
     "torch_fidelity": OptionalPackage("torch-fidelity", None),
 }
