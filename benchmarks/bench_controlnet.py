@@ -65,18 +65,12 @@ allocator keeps freed memory, so it cannot attribute a peak to one call.
 
 import argparse
 import copy
-import gc
-import json
 import math
 import os
-import platform
 import random
-import shlex
-import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,21 +82,32 @@ from diffusers import (
     UNet2DConditionModel,
     UNetControlNetXSModel,
 )
-from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
-from transformers.utils import logging as transformers_logging
 
-import storydiff
 from storydiff import (
     ControlNetFullModel,
     ControlNetLiteModel,
     DynamicCFGStableDiffusionControlNetPipeline,
     GuidanceSchedule,
 )
+from storydiff.benchmarking import (
+    DTYPES,
+    SD15_TEXT_TOKENS,
+    SD15_UNET_CONFIG,
+    Run,
+    command_line,
+    compare,
+    free_memory,
+    guarded,
+    optimizer_state_bytes,
+    quiet_libraries,
+    run_settings,
+    weights,
+    write_results,
+)
 from storydiff.checkpoints import text_to_image_pipeline_path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = ("denoiser", "training", "dynamic_cfg")
 DEFAULT_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNetModel default: stride 8 with 4 entries
 UNET = "UNet alone"
@@ -114,19 +119,6 @@ T2I = "T2I-Adapter light (diffusers), features once per call"
 T2I_EVERY_STEP = "T2I-Adapter light (diffusers), adapter every step"
 TWIN_UNET = "UNet alone, 2 layers per block twin"
 TWIN_FULL = "full ControlNet of the 2 layers per block twin"
-# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json), built here with random weights
-SD15_UNET_CONFIG = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_TEXT_TOKENS = 77
 # A VAE of stride 8 for the sd15 pipeline: it never runs (latents in, latents out), it only sets the image size
 TINY_STRIDE_8_VAE_CONFIG = {
     "in_channels": 3,
@@ -141,118 +133,8 @@ TINY_STRIDE_8_VAE_CONFIG = {
 T2I_RES_BLOCKS = 4  # the released light adapters (TencentARC t2iadapter_*_sd14v1 light) use 4
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measured_call(function: Callable, device: torch.device) -> tuple:
-    """(wall seconds, process CPU seconds, bytes) of one call; bytes: on CUDA the most memory allocated during the call
-    above what was allocated before it (activations, gradients, workspaces), else None."""
-    synchronize(device)
-    before = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    function()
-    synchronize(device)
-    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
-    extra = torch.cuda.max_memory_allocated(device) - before if before is not None else None
-    return wall, cpu, extra
-
-
-def summary(values: list) -> dict:
-    """Median with its interquartile range."""
-    if len(values) < 2:
-        return {"median": values[0], "q1": values[0], "q3": values[0], "n": len(values)}
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "n": len(values)}
-
-
-def load_average() -> Optional[list]:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def weights(*models) -> int:
-    return sum(tensor_bytes(m.parameters()) + tensor_bytes(m.buffers()) for m in models)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
-
-
 def count(parameters) -> int:
     return sum(p.numel() for p in parameters)
-
-
-class Run:
-    """One configuration of a comparison: `setup` (untimed, before every timed call), the timed `call`, and
-    `resident`, the bytes the configuration keeps allocated between calls (its weights, optimizer state), read after
-    the warm-up."""
-
-    def __init__(self, call: Callable, resident: Callable[[], int], setup: Optional[Callable] = None):
-        self.call, self.resident, self.setup = call, resident, setup or (lambda: None)
-
-
-def compare(runs: dict, args, rng: random.Random, device: torch.device) -> dict:
-    """Time `runs` (name -> Run; the first is measured, the second is its reference) in pairs back to back, in random
-    order, `args.repeats` times after `args.warmup` untimed calls each.
-
-    Peak memory of a configuration = its resident bytes + the median most memory its call allocated above what was
-    allocated before it (CUDA only), so that the other configuration's weights, held at the same time, do not count."""
-    (name, run), (reference, reference_run) = runs.items()
-    for one in (run, reference_run):
-        for _ in range(args.warmup):
-            one.setup()
-            one.call()
-    measured = {name: [], reference: []}
-    ratios = []
-    for _ in range(args.repeats):
-        pair = {}
-        for key in rng.sample([name, reference], 2):
-            runs[key].setup()
-            pair[key] = measured_call(runs[key].call, device)
-            measured[key].append(pair[key])
-        ratios.append(tuple(pair[name][i] / pair[reference][i] for i in (0, 1)))
-    configurations = {}
-    for key, values in measured.items():
-        extra = [v[2] for v in values]
-        configurations[key] = {
-            "seconds": {"wall": summary([v[0] for v in values]), "cpu": summary([v[1] for v in values])},
-            "peak_memory_bytes": None if extra[0] is None else runs[key].resident() + statistics.median(extra),
-        }
-    peaks = [configurations[key]["peak_memory_bytes"] for key in (name, reference)]
-    return {
-        "configurations": configurations,
-        "time_ratio": {
-            "of": name,
-            "over": reference,
-            "wall": summary([r[0] for r in ratios]),
-            "cpu": summary([r[1] for r in ratios]),
-        },
-        "peak_memory_ratio": None if peaks[0] is None else peaks[0] / peaks[1],
-    }
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def guarded(measure: Callable, device: torch.device) -> dict:
-    """`measure()`, or the error where the device ran out of memory (a one-shot run on a lent GPU goes on with the
-    other rows)."""
-    try:
-        return measure()
-    except torch.OutOfMemoryError as error:
-        free_memory(device)
-        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
 
 
 # ---------------------------------------------------------------------------------------------- models under test
@@ -726,17 +608,13 @@ def main(argv=None) -> dict:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for logging in (diffusers_logging, transformers_logging):
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
+    quiet_libraries()
     started = time.perf_counter()
     rng = random.Random(args.seed)
     setup = Setup(args)
     device = setup.device
     output = Path(args.output or REPOSITORY / "docs" / "benchmarks" / f"controlnet_{device.type}.json")
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(__file__, REPOSITORY), *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line(__file__, REPOSITORY, argv)
     results = {
         "command": command,
         "unet": args.unet,
@@ -748,24 +626,7 @@ def main(argv=None) -> dict:
         "conditioning_embedding_out_channels": list(setup.widths),
         "parameters": setup.parameters(),
         "batch_size": args.batch_size,
-        "device": args.device,
-        "dtype": args.dtype,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda if device.type == "cuda" else None,
-            "diffusers": __import__("diffusers").__version__,
-            "storydiff": storydiff.__version__,
-            "python": platform.python_version(),
-        },
-        "load_average_at_start": load_average(),
+        **run_settings(args, device),
     }
     print("parameters: " + ", ".join(f"{name} {row['parameters']} ({row['relative_to_unet']:.3f} of {row['unet']})"
                                      for name, row in results["parameters"]["variants"].items()), flush=True)  # fmt: skip
@@ -781,11 +642,7 @@ def main(argv=None) -> dict:
         report("denoiser", measure_denoiser(setup, args, rng))
     if "dynamic_cfg" in args.sections:
         report("dynamic_cfg", measure_dynamic_cfg(setup, args, rng))
-    results["load_average_at_end"] = load_average()
-    results["wall_seconds"] = time.perf_counter() - started
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {output} in {results['wall_seconds']:.0f} s", file=sys.stderr)
+    write_results(results, output, started)
     return results
 
 

@@ -24,7 +24,6 @@ processes on a shared machine largely cancels out of the ratios, not out of the 
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -40,11 +39,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
 
 import storydiff
 from storydiff import DynamicCFGStableDiffusionPipeline
+from storydiff.benchmarking import DTYPES, load_average, quiet_libraries, summary, write_results
 from storydiff.data.digits import digits_world_arrays
 from storydiff.training.ema import create_ema
 from storydiff.training.optimization import create_optimizer_and_lr_scheduler
@@ -57,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dynamic_cfg import added_work_seconds, schedules, unet_cost_ratio  # noqa: E402
 
 DEFAULT_MODEL = REPOSITORY / "storydiff" / "checkpoints" / "digits-text-to-image"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STOCK = "stock StableDiffusionPipeline"
 
 
@@ -95,20 +92,8 @@ def paired_timings(runs: dict, pairs: list, repeats: int, rng: random.Random, de
     return times, ratios
 
 
-def summary(values: list) -> dict:
-    """Median with its interquartile range."""
-    if len(values) < 2:
-        return {"median": values[0], "q1": values[0], "q3": values[0], "n": len(values)}
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return {"median": statistics.median(values), "q1": q1, "q3": q3, "n": len(values)}
-
-
 def wall_and_cpu(measurements: list) -> dict:
     return {"wall": summary([m[0] for m in measurements]), "cpu": summary([m[1] for m in measurements])}
-
-
-def load_average() -> list:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -470,10 +455,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    quiet_libraries()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     rng = random.Random(args.seed)
     started = time.perf_counter()
@@ -518,12 +500,7 @@ def main(argv=None) -> dict:
         report("text_encoder", measure_text_encoding(pipe, prompts, args, device))
     if "dynamic_cfg" in args.sections:
         report("dynamic_cfg", measure_dynamic_cfg(pipe, args, device, rng))
-    results["load_average_at_end"] = load_average()
-    results["wall_seconds"] = time.perf_counter() - started
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {output} in {results['wall_seconds']:.0f} s", file=sys.stderr)
+    write_results(results, Path(args.output), started)
     return results
 
 
