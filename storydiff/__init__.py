@@ -41,6 +41,9 @@ _EXPORTS = {
     "ControlNetFullModel": "storydiff.models.controlnet_variants",
     "ControlNetLiteModel": "storydiff.models.controlnet_variants",
     "unet2d_forward_with_residuals": "storydiff.models.controlnet_variants",
+    # coherence-aware diffusion (in progress)
+    "CoherenceEmbedding": "storydiff.models.coherence",
+    "CoherenceConditioner": "storydiff.models.coherence",
 }
 
 __all__ = sorted(_EXPORTS)
