@@ -552,3 +552,11 @@ class ControlNetLiteModel(ControlNetModel):
             mid = torch.mean(mid, dim=(2, 3), keepdim=True)
         down, mid = connected_residuals((down, mid), self.config.connect)
         return _output(down, mid, return_dict)
+
+
+def load_controlnet(pretrained_model_name_or_path, **kwargs) -> ControlNetModel:
+    """A saved storydiff ControlNet, full or lite: the class its `config.json` names (`kwargs` as `from_pretrained`,
+    e.g. `subfolder="controlnet"` for a pipeline folder)."""
+    config = ControlNetModel.load_config(pretrained_model_name_or_path, **kwargs)
+    cls = ControlNetLiteModel if config.get("_class_name") == "ControlNetLiteModel" else ControlNetFullModel
+    return cls.from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -119,15 +119,11 @@ def train_missing_runs(run_dir: Path, num_threads: int, extra_flags: str = "") -
 
 def load_pipeline(folders):
     from storydiff import DynamicCFGStableDiffusionControlNetPipeline
-    from storydiff.models.controlnet_variants import ControlNetFullModel, ControlNetLiteModel
+    from storydiff.models.controlnet_variants import load_controlnet
 
     pipe = DynamicCFGStableDiffusionControlNetPipeline.from_pretrained(folders[0])
     if len(folders) > 1:  # the base model of the first, the ControlNets of all: summed residuals
-        models = []
-        for folder in folders:
-            config = json.loads((Path(folder) / "controlnet" / "config.json").read_text())
-            cls = ControlNetLiteModel if config["_class_name"] == "ControlNetLiteModel" else ControlNetFullModel
-            models.append(cls.from_pretrained(folder, subfolder="controlnet"))
+        models = [load_controlnet(folder, subfolder="controlnet") for folder in folders]
         pipe = DynamicCFGStableDiffusionControlNetPipeline(**{**pipe.components, "controlnet": models})
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -12,7 +12,6 @@
 >>> control_pipe = controlnet_pipeline("digits-controlnet-edges")
 """
 
-import json
 from pathlib import Path
 
 _FOLDER = Path(__file__).resolve().parent
@@ -100,16 +99,10 @@ def controlnet_pipeline(controlnets=DIGITS_CONTROLNET_EDGES, device: str = "cpu"
     from storydiff.custom_pipelines.dynamic_cfg_stable_diffusion_controlnet import (
         DynamicCFGStableDiffusionControlNetPipeline,
     )
-    from storydiff.models.controlnet_variants import ControlNetFullModel, ControlNetLiteModel
+    from storydiff.models.controlnet_variants import load_controlnet
 
     names = [controlnets] if isinstance(controlnets, str) else list(controlnets)
-    models = []
-    for name in names:
-        folder = Path(checkpoint_path(name))
-        variant = json.loads((folder / "config.json").read_text())["_class_name"]
-        models.append(
-            (ControlNetLiteModel if variant == "ControlNetLiteModel" else ControlNetFullModel).from_pretrained(folder)
-        )
+    models = [load_controlnet(checkpoint_path(name)) for name in names]
     base = text_to_image_pipeline_path()
     pipe = DynamicCFGStableDiffusionControlNetPipeline(
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),

@@ -43,18 +43,23 @@ def controlnet_demo(
         DIGITS_CONTROLNET_EDGES,
         DIGITS_CONTROLNET_EDGES_POSITION,
         DIGITS_CONTROLNET_LITE_EDGES,
+        checkpoint_path,
         controlnet_pipeline,
     )
     from storydiff.evaluation.conditions import edge_iou
     from storydiff.evaluation.text_adherence import caption_adherence
+    from storydiff.models.controlnet_variants import load_controlnet
     from storydiff.training.controlnet_data import digits_world_control_arrays
 
     output_dir = Path(output_dir)
-    pipes = {
-        "full": controlnet_pipeline(DIGITS_CONTROLNET_EDGES, device),
-        "lite": controlnet_pipeline(DIGITS_CONTROLNET_LITE_EDGES, device),
-        "edges + mask": controlnet_pipeline(DIGITS_CONTROLNET_EDGES_POSITION, device),
-    }
+    full = controlnet_pipeline(DIGITS_CONTROLNET_EDGES, device)
+    pipes = {"full": full}  # the others share its base components: the base model is loaded once
+    for name, checkpoint in (
+        ("lite", DIGITS_CONTROLNET_LITE_EDGES),
+        ("edges + mask", DIGITS_CONTROLNET_EDGES_POSITION),
+    ):
+        controlnet = load_controlnet(checkpoint_path(checkpoint)).to(device)
+        pipes[name] = type(full)(**{**full.components, "controlnet": controlnet})
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     resolution = pipes["full"].unet.config.sample_size * pipes["full"].vae_scale_factor
