@@ -44,6 +44,11 @@ _EXPORTS = {
     # coherence-aware diffusion (in progress)
     "CoherenceEmbedding": "storydiff.models.coherence",
     "CoherenceConditioner": "storydiff.models.coherence",
+    "CoherenceAwareUNet2DModel": "storydiff.models.coherence_unet_2d",
+    "TextRINModel": "storydiff.models.text_rin",
+    "CoherenceAwarePipeline": "storydiff.custom_pipelines.coherence_aware",
+    "CoherenceAwarePipelineOutput": "storydiff.custom_pipelines.coherence_aware",
+    "CoherenceAwareGuidance": "storydiff.schedulers.coherence_guider",
 }
 
 __all__ = sorted(_EXPORTS)
