@@ -1,0 +1,241 @@
+"""CoherenceAwarePipeline: CA-CFG against its formula with a recording denoiser, the coherence knob reaching the
+conditioner as given, the negative-branch options, skipped negative passes, per-branch self-conditioning, loading."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from tiny_stable_diffusion import TEXT_HIDDEN_SIZE, tiny_sd_components
+
+import storydiff
+from storydiff import CoherenceAwarePipeline, CoherenceConditioner, GuidanceSchedule
+from storydiff.custom_pipelines.coherence_aware import encode_text, random_prompts
+
+
+def tiny_conditioner(text_dim: int = TEXT_HIDDEN_SIZE, cross_attention_dim: int = TEXT_HIDDEN_SIZE, seed: int = 0):
+    torch.manual_seed(seed)
+    conditioner = CoherenceConditioner(text_dim=text_dim, dim=16, cross_attention_dim=cross_attention_dim,
+                                       num_registers=2, num_layers=1, num_heads=2)  # fmt: skip
+    # the output projection of a new conditioner is generic; make the coherence token matter visibly
+    with torch.no_grad():
+        conditioner.coherence_embedding.position.mul_(20)
+    return conditioner.eval()
+
+
+def tiny_cad_pipeline(tmp_path, denoiser=None) -> CoherenceAwarePipeline:
+    components = tiny_sd_components(tmp_path / "cad")
+    pipe = CoherenceAwarePipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        conditioner=tiny_conditioner(),
+        denoiser=denoiser if denoiser is not None else components["unet"],
+        scheduler=components["scheduler"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class RecordingDenoiser(torch.nn.Module):
+    """Wraps a denoiser; records every call's batch size and context, and adds a context-dependent offset so that
+    the two branches predict visibly different noise."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.inner = denoiser
+        self.calls = []
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask=None):
+        self.calls.append({"batch": sample.shape[0], "context": encoder_hidden_states.clone()})
+        output = self.inner(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                            encoder_attention_mask=encoder_attention_mask)  # fmt: skip
+        offset = encoder_hidden_states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+        output.sample = output.sample + offset
+        return output
+
+
+@pytest.fixture
+def pipe(tmp_path):
+    return tiny_cad_pipeline(tmp_path)
+
+
+def test_ca_cfg_equals_its_formula(pipe):
+    prompt = "the cat"
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    scale = 3.0
+    guided = pipe(prompt, guidance_scale=scale, num_inference_steps=1, latents=latents, output_type="latent").images
+
+    # by hand: one DDIM step from the same noise with eps = eps(y, 0) + g (eps(y, 1) - eps(y, 0))
+    embeds, mask = encode_text(pipe.tokenizer, pipe.text_encoder, [prompt])
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(1)
+    t = scheduler.timesteps[0]
+    eps = {}
+    for c in (0.0, 1.0):
+        context = pipe.conditioner(embeds, c, mask)
+        eps[c] = pipe.denoiser(latents, t.reshape(1), encoder_hidden_states=context.encoder_hidden_states,
+                               encoder_attention_mask=context.encoder_attention_mask).sample  # fmt: skip
+    noise = eps[0.0] + scale * (eps[1.0] - eps[0.0])
+    expected = scheduler.step(noise, t, latents).prev_sample
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eps[0.0], eps[1.0], atol=1e-4), "coherence must change the prediction"
+
+
+def test_coherence_reaches_the_conditioner_as_given(pipe):
+    seen = []
+    original = pipe.conditioner.forward
+
+    def recording(text_hidden_states, coherence, text_attention_mask=None, return_dict=True):
+        seen.append(torch.as_tensor(coherence).tolist())
+        return original(text_hidden_states, coherence, text_attention_mask, return_dict)
+
+    pipe.conditioner.forward = recording
+    pipe(["the cat", "a dog"], coherence=[1.0, 0.25], negative_coherence=[0.0, 0.5], num_images_per_prompt=2,
+         num_inference_steps=2, output_type="latent")  # fmt: skip
+    assert seen == [[1.0, 1.0, 0.25, 0.25], [0.0, 0.0, 0.5, 0.5]]
+    out = pipe("the cat", coherence=0.0, num_inference_steps=1, output_type="latent", guidance_scale=1.0)
+    assert seen[-1] == [0.0] and out.coherence == [0.0]
+
+
+def test_coherence_changes_the_image(pipe):
+    def run(c):
+        return pipe("the cat", coherence=c, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                    generator=torch.manual_seed(0)).images  # fmt: skip
+
+    assert not torch.allclose(run(1.0), run(0.0))
+    torch.testing.assert_close(run(0.5), run(0.5))
+
+
+def test_negative_prompt_options(pipe):
+    recorder = RecordingDenoiser(pipe.denoiser)
+    pipe = CoherenceAwarePipeline.from_pipe(pipe, denoiser=recorder)
+    positive = pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"]), 1.0)[0]
+
+    def negative_context(**kwargs):
+        recorder.calls.clear()
+        pipe("the cat", num_inference_steps=1, output_type="latent", generator=torch.manual_seed(0), **kwargs)
+        return recorder.calls[0]["context"][:1]
+
+    same = negative_context()
+    by_hand = pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"]), 0.0)[0]
+    torch.testing.assert_close(same, by_hand)
+    empty = negative_context(negative_prompt="")
+    torch.testing.assert_close(empty, pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, [""]), 0.0)[0])
+    random = negative_context(random_negative_prompt=True)
+    assert not torch.allclose(random, same) and not torch.allclose(random, empty)
+    torch.testing.assert_close(negative_context(random_negative_prompt=True), random)  # same generator, same strings
+    assert not torch.allclose(same, positive)
+    with pytest.raises(ValueError, match="not both"):
+        pipe("the cat", negative_prompt="", random_negative_prompt=True, num_inference_steps=1)
+
+
+def test_random_prompts_keep_the_word_lengths():
+    strings = random_prompts(["a small red 7", "x"], torch.Generator().manual_seed(0))
+    assert [len(w) for w in strings[0].split()] == [1, 5, 3, 1] and len(strings[1]) == 1
+    assert strings == random_prompts(["a small red 7", "x"], torch.Generator().manual_seed(0))
+
+
+def test_zero_weight_steps_skip_the_negative_pass(pipe):
+    recorder = RecordingDenoiser(pipe.denoiser)
+    pipe = CoherenceAwarePipeline.from_pipe(pipe, denoiser=recorder)
+    pipe(["the cat", "a dog"], guidance_scale=4.0, guidance_schedule=GuidanceSchedule("interval", interval=(0.5, 1.0)),
+         num_inference_steps=4, output_type="latent")  # fmt: skip
+    assert [call["batch"] for call in recorder.calls] == [2, 2, 4, 4]
+    assert pipe.guidance_scales.tolist() == [1.0, 1.0, 4.0, 4.0]
+    recorder.calls.clear()
+    pipe("the cat", guidance_scale=1.0, num_inference_steps=2, output_type="latent")
+    assert [call["batch"] for call in recorder.calls] == [1, 1]
+
+
+def test_static_guidance_costs_what_cfg_costs(pipe):
+    recorder = RecordingDenoiser(pipe.denoiser)
+    pipe = CoherenceAwarePipeline.from_pipe(pipe, denoiser=recorder)
+    calls = []
+    pipe.conditioner.register_forward_hook(lambda *args: calls.append(1))
+    pipe("the cat", guidance_scale=4.0, num_inference_steps=5, output_type="latent")
+    assert [call["batch"] for call in recorder.calls] == [2] * 5  # one batched denoiser call per step, as CFG
+    assert len(calls) == 2  # the conditioner runs once per branch per call, not per step
+
+
+def test_batch_and_images_per_prompt_match_single_runs(pipe):
+    generators = [torch.Generator().manual_seed(k) for k in range(4)]
+    batched = pipe(["the cat", "a dog"], coherence=[1.0, 0.5], num_images_per_prompt=2, num_inference_steps=2,
+                   generator=generators, output_type="pt").images  # fmt: skip
+    assert batched.shape == (4, 3, 32, 32) and 0 <= batched.min() and batched.max() <= 1
+    single = pipe("a dog", coherence=0.5, num_inference_steps=2, generator=torch.Generator().manual_seed(3),
+                  output_type="pt").images  # fmt: skip
+    torch.testing.assert_close(batched[3:], single, atol=1e-5, rtol=1e-4)
+
+
+def test_output_types(pipe):
+    common = {"num_inference_steps": 1, "generator": torch.manual_seed(0)}
+    assert pipe("the cat", output_type="np", **common).images.shape == (1, 32, 32, 3)
+    assert pipe("the cat", **common).images[0].size == (32, 32)
+    images, coherence = pipe("the cat", output_type="latent", return_dict=False, **common)
+    assert images.shape == (1, 4, 16, 16) and coherence == [1.0]
+
+
+def test_callbacks_follow_the_protocol(pipe):
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        seen.append((step, pipeline.guidance_scale, pipeline.num_timesteps, tuple(kwargs)))
+        if step == 1:
+            pipeline._interrupt = True
+        return {"latents": kwargs["latents"]}
+
+    pipe("the cat", guidance_scale=2.0, num_inference_steps=4, callback_on_step_end=callback, output_type="latent")
+    assert seen == [(0, 2.0, 4, ("latents",)), (1, 2.0, 4, ("latents",))]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"coherence": 1.5}, "finite value in \\[0, 1\\]"),
+        ({"coherence": float("nan")}, "finite value"),
+        ({"negative_coherence": -0.1}, "negative_coherence"),
+        ({"coherence": [1.0, 0.5, 0.2]}, "3 values for 1 prompts"),
+        ({"negative_prompt": ["", ""]}, "2 negative prompts for 1 prompts"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+        ({"height": 31}, "multiple of 2"),
+        ({"output_type": "jpg"}, "output_type"),
+        ({"guidance_scale": float("inf")}, "finite"),
+        ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_error(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("the cat", num_inference_steps=1, **kwargs)
+
+
+def test_widths_are_checked_when_the_pipeline_is_built(tmp_path):
+    components = tiny_sd_components(tmp_path / "sd")
+    base = {k: components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    with pytest.raises(ValueError, match="text_dim=12"):
+        CoherenceAwarePipeline(**base, conditioner=tiny_conditioner(text_dim=12), denoiser=components["unet"])
+    with pytest.raises(ValueError, match="cross_attention_dim=24"):
+        CoherenceAwarePipeline(**base, conditioner=tiny_conditioner(cross_attention_dim=24),
+                               denoiser=components["unet"])  # fmt: skip
+
+
+def test_save_load_and_custom_pipeline(pipe, tmp_path):
+    expected = pipe("the cat", num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
+    pipe.save_pretrained(tmp_path / "saved")
+    for loaded in (
+        CoherenceAwarePipeline.from_pretrained(tmp_path / "saved"),
+        DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True),
+        DiffusionPipeline.from_pretrained(
+            tmp_path / "saved",
+            trust_remote_code=True,
+            custom_pipeline=storydiff.custom_pipeline_path("coherence_aware"),
+        ),  # fmt: skip
+    ):
+        assert type(loaded).__name__ == "CoherenceAwarePipeline"
+        loaded.set_progress_bar_config(disable=True)
+        again = loaded("the cat", num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
+        torch.testing.assert_close(again, expected)
