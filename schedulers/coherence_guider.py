@@ -35,7 +35,9 @@ class CoherenceAwareGuidance(DynamicClassifierFreeGuidance):
     branch's text hidden states, to a [`CoherenceConditioner`] and gives the conditioner's output to the denoiser:
 
     ```py
-    for batch in guider.prepare_inputs({"text_hidden_states": (prompt_embeds, None)}):
+    guider.set_state(step=i, num_inference_steps=num_inference_steps, timestep=t)
+    guider_state = guider.prepare_inputs({"text_hidden_states": (prompt_embeds, None)})  # None: same prompt
+    for batch in guider_state:
         guider.prepare_models(unet)
         context = conditioner(batch.text_hidden_states, batch.coherence)
         batch.noise_pred = unet(latents, t, encoder_hidden_states=context.encoder_hidden_states).sample
