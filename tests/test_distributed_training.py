@@ -179,3 +179,31 @@ def test_controlnet_two_processes_kill_and_resume(tmp_path):
     ]  # fmt: skip
     kill_resume_and_compare(tmp_path, "train_controlnet.py", common, kill_after=2,
                             weights="controlnet/diffusion_pytorch_model.safetensors")  # fmt: skip
+
+
+@pytest.mark.parametrize("condition", ["text", "class"])
+def test_coherence_aware_two_processes_kill_and_resume(tmp_path, condition):
+    from test_train_coherence_aware import write_scored_folder
+
+    scored = write_scored_folder(tmp_path / "scored")
+    common = [
+        "--train_data_dir", str(scored), "--resolution", "16", "--train_batch_size", "2", "--max_train_steps", "5",
+        "--checkpointing_steps", "2", "--validation_steps", "100", "--validation_inference_steps", "1",
+        "--validation_coherences", "0,1", "--mode", "weight", "--condition_dropout", "0.3", "--report_to", "none",
+    ]  # fmt: skip
+    if condition == "text":
+        from diffusers import StableDiffusionPipeline
+        from test_train_coherence_aware import TINY_CONDITIONER
+        from tiny_stable_diffusion import tiny_sd_components
+
+        base_model = tmp_path / "base"
+        components = tiny_sd_components(tmp_path / "parts", sample_size=8)
+        StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(base_model)
+        common += ["--pretrained_model_name_or_path", str(base_model), *TINY_CONDITIONER]
+        weights = "conditioner/diffusion_pytorch_model.safetensors"
+    else:
+        from test_train_coherence_aware import TINY_CLASS_UNET
+
+        common += TINY_CLASS_UNET
+        weights = "unet/diffusion_pytorch_model.safetensors"
+    kill_resume_and_compare(tmp_path, "train_coherence_aware.py", common, kill_after=2, weights=weights)
