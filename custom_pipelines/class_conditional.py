@@ -5,7 +5,11 @@ Works with two kinds of denoiser, both trained with a "null" class for classifie
 * a class-conditional `UNet2DModel` (`num_class_embeds = num_classes + 1`, the last index is the null class), in
   pixel space or, with a `vae`, in latent space;
 * a DiT-style `DiTTransformer2DModel` (`num_embeds_ada_norm = num_classes`, its label table has one extra row for
-  the null class, index `num_classes`, as in DiT), usually with a `vae`.
+  the null class, index `num_classes`, as in DiT), usually with a `vae`;
+* storydiff's `CoherenceAwareUNet2DModel` (class-conditional coherence-aware diffusion, CAD): a class-conditional
+  UNet that also takes a coherence c in [0, 1]. Then `coherence` (default 1.0) is a test-time knob and guidance is
+  coherence-aware CFG (CA-CFG): by default the negative branch is the same class at `negative_coherence` (0.0).
+  Class-conditional CAD is storydiff's own design: the CAD authors never released theirs.
 
 With a UNet, an optional `controlnet` (storydiff's `ControlNetFullModel` or `ControlNetLiteModel`, built with
 `from_unet(unet, ...)`) steers generation with a condition image (`control_image`), as ControlNet steers Stable
@@ -18,6 +22,7 @@ trust_remote_code=True)`.
 
 import copy
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -30,6 +35,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from storydiff.models.coherence import check_coherence
+from storydiff.models.coherence_unet_2d import CoherenceAwareUNet2DModel
 from storydiff.models.controlnet_variants import check_condition_size, unet2d_forward_with_residuals
 from storydiff.pipeline_checks import (
     check_callback_tensor_inputs,
@@ -41,6 +48,11 @@ from storydiff.pipeline_mixins import SavedPipelineClassMixin, StepCallbackState
 from storydiff.schedulers.guidance_schedule import GuidanceSchedule, GuidanceScheduleLike, StepGuidance
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+NEGATIVE_CLASSES = ("same", "null")
+
+
+def is_real_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -55,11 +67,15 @@ class ClassConditionalPipelineOutput(BaseOutput):
             The class of each image, in the same order.
         guidance_scales (`list[float]`):
             The diffusers guidance scale `g_i` used at each denoising step, step 0 (noisiest) first.
+        coherence (`list[float]`, *optional*):
+            The coherence each image was generated with (positive branch), in the same order; None (and left out of
+            the tuple form) unless the denoiser is a `CoherenceAwareUNet2DModel`.
     """
 
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
     class_labels: List[int]
     guidance_scales: List[float]
+    coherence: Optional[List[float]] = None
 
 
 class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, DiffusionPipeline):
@@ -67,7 +83,7 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
 
     CFG follows diffusers: `eps = eps_null + g_i * (eps_class - eps_null)`, with `g_i` the per-step scale from
     `GuidanceSchedule.from_any(guidance_schedule).scales(guidance_scale, num_inference_steps)`. A step runs CFG when
-    `g_i > 1`; on the other steps the null-class half of the batch is not computed at all, so the denoiser runs on
+    `g_i > 1`; on the other steps the null-class (negative) half of the batch is not computed at all, so the denoiser runs on
     the conditional batch only. The `static` schedule is plain constant CFG.
 
     Step callbacks follow diffusers' protocol: during `callback_on_step_end`, `pipe.guidance_scale` is the scale of
@@ -75,6 +91,13 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
     run. A callback that sets `pipe._guidance_scale` changes the scale of the next steps under the static schedule;
     under any other schedule only a value `<= 1` (guidance off) is applied (`StepGuidance` documents the rule, which
     is the same in every storydiff pipeline).
+
+    With a [`CoherenceAwareUNet2DModel`] (class-conditional CAD), every prediction also gets a coherence: the
+    positive branch `(class, coherence)`, the negative branch `(class, negative_coherence)` with
+    `negative_class="same"` (the default: CA-CFG in the paper's pure form, `eps(y, c+) + w (eps(y, c+) - eps(y, c-))`,
+    which is `eps_neg + g (eps_pos - eps_neg)` with `g = 1 + w`) or `(null class, negative_coherence)` with
+    `negative_class="null"` (standard CFG for a model trained with condition dropout, whose dropped samples had the
+    null class and c = 0). CA-CFG costs the same as CFG, and zero-weight steps skip the negative branch alike.
 
     A call never changes the pipeline's components (the scheduler it steps is a per-call copy of `pipe.scheduler`),
     so calls with different arguments may run at the same time from several threads, as long as no step callback
@@ -84,9 +107,9 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
     Args:
         scheduler ([`SchedulerMixin`]):
             Scheduler used to denoise, e.g. [`DDIMScheduler`].
-        unet ([`UNet2DModel`], *optional*):
-            Class-conditional UNet with `num_class_embeds = num_classes + 1`. Give exactly one of `unet` and
-            `transformer`.
+        unet ([`UNet2DModel`] or [`CoherenceAwareUNet2DModel`], *optional*):
+            Class-conditional UNet with `num_class_embeds = num_classes + 1`, optionally coherence-aware. Give exactly
+            one of `unet` and `transformer`.
         transformer ([`DiTTransformer2DModel`], *optional*):
             Class-conditional DiT with `num_embeds_ada_norm = num_classes` (plus its null row).
         vae ([`AutoencoderKL`], *optional*):
@@ -98,7 +121,8 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             Class names, so that `class_labels` can also be given as names.
         controlnet ([`ControlNetModel`], *optional*):
             A ControlNet built from the `unet` (`ControlNetLiteModel.from_unet(unet, ...)` or
-            `ControlNetFullModel.from_unet(unet, ...)`); then every call takes a `control_image`. UNet only.
+            `ControlNetFullModel.from_unet(unet, ...)`); then every call takes a `control_image`. Plain UNet only
+            (not with a coherence-aware UNet).
     """
 
     model_cpu_offload_seq = "transformer->controlnet->unet->vae"
@@ -134,6 +158,11 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
         return self.unet if self.unet is not None else self.transformer
 
     @property
+    def is_coherence_aware(self) -> bool:
+        """Whether the denoiser takes a coherence (a [`CoherenceAwareUNet2DModel`])."""
+        return isinstance(self.unet, CoherenceAwareUNet2DModel)
+
+    @property
     def null_class_label(self) -> int:
         """Index of the null (unconditional) class used for CFG: `num_classes`."""
         return self.config.num_classes
@@ -155,6 +184,12 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             raise ValueError(
                 "A controlnet works with the `unet` (UNet2DModel) denoiser only; the DiT `transformer` has no skip "
                 "connections for ControlNet residuals. Use a class-conditional UNet2DModel, or drop the controlnet."
+            )
+        if isinstance(unet, CoherenceAwareUNet2DModel):
+            # a ControlNet built from the UNet copies its class table but has no coherence input
+            raise ValueError(
+                "A controlnet is not supported with a CoherenceAwareUNet2DModel: the ControlNet's class embedding has "
+                "no coherence input. Use a plain class-conditional UNet2DModel with the controlnet, or drop it."
             )
         if not isinstance(controlnet, ControlNetModel):
             raise TypeError(
@@ -338,6 +373,52 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             return control_image.expand(num_labels * num_images_per_class, -1, -1, -1)
         return control_image.repeat_interleave(num_images_per_class, dim=0)
 
+    def prepare_coherence(self, coherence, negative_coherence, negative_class, num_labels: int, num_images_per_class):
+        """Checked coherence inputs: `(negative_class, coherence per image or None, negative_coherence or None)`.
+
+        For a coherence-aware UNet, `coherence` (one value, or one per class label) defaults to 1.0 and
+        `negative_class` to "same"; for any other denoiser only the defaults (no coherence, the null class) are
+        allowed, and the coherence values come back as None."""
+        if negative_class is not None and negative_class not in NEGATIVE_CLASSES:
+            raise ValueError(
+                f"`negative_class` must be one of {NEGATIVE_CLASSES} (or None for the default), got {negative_class!r}."
+            )
+        if not is_real_number(negative_coherence):
+            raise TypeError(f"`negative_coherence` must be a float in [0, 1], got {negative_coherence!r}.")
+        if coherence is not None:
+            if isinstance(coherence, torch.Tensor) and coherence.ndim <= 1:
+                coherence = coherence.reshape(-1).tolist()
+            values = coherence if isinstance(coherence, (list, tuple)) else [coherence]
+            if not values or not all(is_real_number(value) for value in values):
+                raise TypeError(
+                    "`coherence` must be a float in [0, 1] or a list of them (one per class label), got "
+                    f"{coherence!r}."
+                )
+        if not self.is_coherence_aware:
+            denoiser = type(self.denoiser).__name__
+            if coherence is not None or negative_coherence != 0.0:
+                raise ValueError(
+                    f"The denoiser ({denoiser}) has no coherence input, so `coherence` and `negative_coherence` do not "
+                    "apply; use a CoherenceAwareUNet2DModel for coherence-aware generation."
+                )
+            if negative_class == "same":
+                raise ValueError(
+                    f"`negative_class='same'` needs a coherence-aware denoiser; {denoiser} guides against the null "
+                    "class only (`negative_class='null'`, the default)."
+                )
+            return "null", None, None
+        values = [1.0] if coherence is None else values
+        values = [float(value) for value in values]
+        check_coherence(values)  # raises, naming the values outside [0, 1]
+        if len(values) not in (1, num_labels):
+            raise ValueError(
+                f"`coherence` has {len(values)} values; give one per class label ({num_labels}) or a single float."
+            )
+        values = values * num_labels if len(values) == 1 else values
+        per_image = [value for value in values for _ in range(num_images_per_class)]
+        check_coherence(float(negative_coherence))
+        return negative_class or "same", per_image, float(negative_coherence)
+
     def _predict_noise(
         self,
         scheduler,
@@ -346,6 +427,7 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
         class_labels: torch.Tensor,
         control_image: Optional[torch.Tensor] = None,
         conditioning_scale: float = 1.0,
+        coherence: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         model_input = scheduler.scale_model_input(latents, t)
         timesteps = t if torch.is_tensor(t) else torch.tensor(t, device=latents.device)
@@ -354,6 +436,8 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             down, mid = self.controlnet(model_input, timesteps, None, control_image, conditioning_scale=conditioning_scale,
                                         class_labels=class_labels, return_dict=False)  # fmt: skip
             output = unet2d_forward_with_residuals(self.unet, model_input, timesteps, class_labels, down, mid).sample
+        elif coherence is not None:
+            output = self.unet(model_input, timesteps, class_labels=class_labels, coherence=coherence).sample
         elif self.unet is not None:
             output = self.unet(model_input, timesteps, class_labels=class_labels).sample
         else:
@@ -402,6 +486,9 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         control_image: Optional[torch.Tensor] = None,
         controlnet_conditioning_scale: float = 1.0,
+        coherence: Optional[Union[float, List[float]]] = None,
+        negative_coherence: float = 0.0,
+        negative_class: Optional[str] = None,
     ) -> Union[ClassConditionalPipelineOutput, tuple]:
         r"""Generate images of the given classes.
 
@@ -415,7 +502,7 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
                 Diffusers' CFG scale `g = 1 + w`; `g <= 1` turns guidance off with the static schedule.
             guidance_schedule (`str`, `GuidanceSchedule`, list of scales or callable, defaults to `"static"`):
                 How the scale varies over the steps (see [`GuidanceSchedule`]). Steps with `g_i <= 1` skip the
-                null-class pass.
+                null-class (negative) pass.
             num_inference_steps (`int`, defaults to 50):
                 Number of denoising steps.
             generator (`torch.Generator` or list of them, *optional*):
@@ -430,7 +517,7 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
                 `"pil"`, `"np"` (`(batch, H, W, C)` in [0, 1]), `"pt"` (`(batch, C, H, W)` in [0, 1]) or `"latent"`.
             return_dict (`bool`, defaults to `True`):
                 Return a [`ClassConditionalPipelineOutput`] instead of a tuple `(images, class_labels,
-                guidance_scales)`.
+                guidance_scales)`, with `coherence` appended for a coherence-aware UNet.
             callback_on_step_end (callable or `PipelineCallback`, *optional*):
                 Called as `callback_on_step_end(self, step_index, timestep, callback_kwargs)` after each step; it may
                 return a dict with replacement tensors (e.g. `latents`), set `self._guidance_scale` (see the class
@@ -443,6 +530,16 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
                 the original ControlNet, the null-class (unconditional) half of CFG keeps the condition.
             controlnet_conditioning_scale (`float`, defaults to 1.0):
                 Multiplies the ControlNet's residuals; 0 turns the control off.
+            coherence (`float` or `list[float]`, *optional*):
+                Coherence-aware UNet only: the coherence c in [0, 1] of the positive branch, one for all or one per
+                entry of `class_labels`; defaults to 1.0 (the class fully describes the image). Lower values move the
+                samples towards the unconditional distribution. Refused for a denoiser without coherence input.
+            negative_coherence (`float`, defaults to 0.0):
+                Coherence-aware UNet only: the coherence of the negative (guidance) branch.
+            negative_class (`str`, *optional*):
+                The negative branch's class: `"same"` (the image's own class at `negative_coherence`: CA-CFG, the
+                default for a coherence-aware UNet) or `"null"` (the null class, at `negative_coherence` for a
+                coherence-aware UNet: standard CFG; the only choice, and the default, for other denoisers).
 
         Example:
             ```py
@@ -459,7 +556,11 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
         self.check_inputs(num_images_per_class, num_inference_steps, output_type, callback_on_step_end_tensor_inputs)
-        labels = [label for label in self._class_label_list(class_labels) for _ in range(num_images_per_class)]
+        labels_per_entry = self._class_label_list(class_labels)
+        labels = [label for label in labels_per_entry for _ in range(num_images_per_class)]
+        negative_class, coherence, negative_coherence = self.prepare_coherence(
+            coherence, negative_coherence, negative_class, len(labels_per_entry), num_images_per_class
+        )
         schedule = GuidanceSchedule.from_any(guidance_schedule)
         scales = schedule.scales(guidance_scale, num_inference_steps)
 
@@ -478,8 +579,17 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
                                              dtype, device)  # fmt: skip
         control_and_control = None if control is None else torch.cat([control, control])
         class_tensor = torch.tensor(labels, device=device, dtype=torch.long)
-        null_tensor = torch.full_like(class_tensor, self.null_class_label)
-        class_and_null = torch.cat([class_tensor, null_tensor])
+        if negative_class == "same":
+            negative_tensor = class_tensor
+        else:
+            negative_tensor = torch.full_like(class_tensor, self.null_class_label)
+        class_and_negative = torch.cat([class_tensor, negative_tensor])
+        coherence_tensor = coherence_and_negative = None
+        if coherence is not None:
+            coherence_tensor = torch.tensor(coherence, device=device, dtype=torch.float32)
+            coherence_and_negative = torch.cat(
+                [coherence_tensor, torch.full_like(coherence_tensor, negative_coherence)]
+            )
 
         # Sampling state lives in a copy of the scheduler, so that concurrent calls cannot disturb each other.
         scheduler = copy.deepcopy(self.scheduler)
@@ -505,15 +615,16 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
             step_scale = guidance.scale(i)
             applied_scales.append(step_scale)
             if step_scale > 1:
-                # the null-class half keeps the condition: guidance is over the class, not over the control
-                noise = self._predict_noise(scheduler, torch.cat([latents, latents]), t, class_and_null,
-                                            control_and_control, controlnet_conditioning_scale)  # fmt: skip
-                noise_class, noise_null = noise.chunk(2)
-                noise_pred = noise_null + step_scale * (noise_class - noise_null)
+                # the negative half keeps the condition: guidance is over the class, not over the control
+                noise = self._predict_noise(scheduler, torch.cat([latents, latents]), t, class_and_negative,
+                                            control_and_control, controlnet_conditioning_scale,
+                                            coherence_and_negative)  # fmt: skip
+                noise_positive, noise_negative = noise.chunk(2)
+                noise_pred = noise_negative + step_scale * (noise_positive - noise_negative)
             else:
-                # No guidance on this step: the null-class half is not computed at all, by the ControlNet either.
+                # No guidance on this step: the negative half is not computed at all, by the ControlNet either.
                 noise_pred = self._predict_noise(scheduler, latents, t, class_tensor, control,
-                                                 controlnet_conditioning_scale)  # fmt: skip
+                                                 controlnet_conditioning_scale, coherence_tensor)  # fmt: skip
 
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
@@ -529,5 +640,7 @@ class ClassConditionalPipeline(SavedPipelineClassMixin, StepCallbackStateMixin, 
         self.maybe_free_model_hooks()
         self._guidance_scales = torch.tensor(applied_scales, dtype=torch.float64)
         if not return_dict:
-            return (images, labels, applied_scales)
-        return ClassConditionalPipelineOutput(images=images, class_labels=labels, guidance_scales=applied_scales)
+            return (images, labels, applied_scales) + (() if coherence is None else (coherence,))
+        return ClassConditionalPipelineOutput(
+            images=images, class_labels=labels, guidance_scales=applied_scales, coherence=coherence
+        )
