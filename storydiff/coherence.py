@@ -49,18 +49,33 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _num_images(images) -> int:
+def _as_images(images):
+    """A tensor is checked and kept; any other iterable of images (a list, a `datasets` column) becomes a list."""
     if torch.is_tensor(images):
         if images.ndim != 4:
             raise ValueError(
                 f"Image tensors must have shape (N, C, H, W) with values in [0, 1], got shape {tuple(images.shape)}."
             )
-        return images.shape[0]
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        return images
+    if isinstance(images, (str, bytes, dict)) or not hasattr(images, "__iter__"):
         raise TypeError(
             f"`images` must be a list of PIL images or an (N, C, H, W) tensor, got {type(images).__name__}."
         )
-    return len(images)
+    return list(images)
+
+
+def _tensor_image_options(processor, images: torch.Tensor) -> dict:
+    """Processor options for a float tensor in [0, 1]: no 1/255 rescale (that is for 0..255 pixels), and no resize
+    or crop when the tensor already has the processor's output size (a PIL resize would quantise it to 8 bits)."""
+    options = {"do_rescale": False}
+    crop_size = getattr(getattr(processor, "image_processor", processor), "crop_size", None)
+    if isinstance(crop_size, dict):
+        height, width = crop_size.get("height"), crop_size.get("width")
+    else:
+        height, width = getattr(crop_size, "height", None), getattr(crop_size, "width", None)
+    if (height, width) == tuple(images.shape[-2:]):
+        options.update(do_resize=False, do_center_crop=False)
+    return options
 
 
 def _projected(features) -> torch.Tensor:
@@ -94,7 +109,8 @@ def clip_cosine(
     Returns:
         `torch.Tensor` of shape (N,), float32 on the CPU, values in [-1, 1].
     """
-    num_images = _num_images(images)
+    images = _as_images(images)
+    num_images = len(images)
     if isinstance(captions, str):
         raise TypeError("`captions` needs one caption per image (a list of strings), not a single string.")
     captions = list(captions)
@@ -120,8 +136,7 @@ def clip_cosine(
         batch_images = images[start : start + batch_size]
         image_options = {}
         if torch.is_tensor(batch_images):
-            # the processor's own 1/255 rescale is for 0..255 pixels; tensors are already in [0, 1]
-            batch_images, image_options = list(batch_images.float().cpu()), {"do_rescale": False}
+            batch_images, image_options = list(batch_images.float().cpu()), _tensor_image_options(processor, images)
         inputs = processor(
             text=captions[start : start + batch_size],
             images=batch_images,
@@ -272,7 +287,9 @@ def bin_coherence(values, bin_edges: Sequence[float]) -> np.ndarray:
 
 
 def _as_scores(values) -> np.ndarray:
-    scores = check_coherence(values.detach().cpu().double() if torch.is_tensor(values) else np.asarray(values, float))
+    # float64 throughout: a score equal to a bin edge must compare equal to it (float32 would round 0.7 below 0.7)
+    values = values.detach().cpu() if torch.is_tensor(values) else torch.from_numpy(np.asarray(values, np.float64))
+    scores = check_coherence(values.double())
     if scores.numel() == 0:
         raise ValueError("No coherence scores given: the input is empty.")
     return scores.double().numpy()

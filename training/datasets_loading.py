@@ -48,6 +48,13 @@ def offline_datasets():
             setattr(module, name, value)
 
 
+def is_saved_dataset(folder: str) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` (its `state.json` and `dataset_info.json`) or
+    `DatasetDict.save_to_disk` (its `dataset_dict.json`), rather than being an image folder."""
+    saved_dataset = all(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_info.json"))
+    return saved_dataset or os.path.isfile(os.path.join(folder, "dataset_dict.json"))
+
+
 def load_image_dataset(
     *,
     train_data_dir: Optional[str] = None,
@@ -59,6 +66,8 @@ def load_image_dataset(
     max_train_samples: Optional[int] = None,
 ):
     """The "train" split of an image folder (`train_data_dir`, read offline) or a Hub dataset (`dataset_name`).
+    A `train_data_dir` written by `save_to_disk` (a `Dataset`, or a `DatasetDict` with a "train" split) is read with
+    `datasets.load_from_disk`.
 
     `other_columns` maps a flag to the column it names (`{"--label_column": "label"}`), for error messages.
     Raises `ValueError` for a missing folder, a missing column (listing the available ones), an image column
@@ -73,8 +82,20 @@ def load_image_dataset(
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"--train_data_dir {train_data_dir!r} is not a folder.")
-        with offline_datasets():
-            dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+        if is_saved_dataset(train_data_dir):
+            dataset = datasets.load_from_disk(train_data_dir)
+            if isinstance(dataset, datasets.DatasetDict):
+                if "train" not in dataset:
+                    raise ValueError(
+                        f"--train_data_dir {train_data_dir!r} holds a DatasetDict without a 'train' split (it has "
+                        f"{', '.join(dataset)}); save the split to use with `dataset[split].save_to_disk(folder)`."
+                    )
+                dataset = dataset["train"]
+        else:
+            with offline_datasets():
+                dataset = datasets.load_dataset(
+                    "imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train"
+                )
     else:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
 

@@ -47,6 +47,17 @@ def text_to_image_pipeline_path() -> str:
     return checkpoint_path(DIGITS_TEXT_TO_IMAGE)
 
 
+DIGITS_CLIP = "digits-clip"
+
+
+def digits_clip_path() -> str:
+    """The tiny contrastive image-text model of the captioned digits world (a transformers `CLIPModel` with its
+    `CLIPProcessor`, 32x32 canvases), trained by training/train_digits_clip.py: the offline CLIP for
+    `storydiff.coherence.clip_coherence` and training/compute_coherence.py. See its README.md for the command and
+    the held-out retrieval accuracy and cosines of true, wrong and vague captions."""
+    return checkpoint_path(DIGITS_CLIP)
+
+
 def video_ldm_temporal_layers_path() -> str:
     """The Video LDM temporal layers trained by training/train_video_ldm.py on the shipped digits text-to-image model
     (moving digits, 8 frames of 32x32); only the temporal weights are shipped, see its README.md."""
