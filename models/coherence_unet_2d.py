@@ -18,6 +18,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import AttentionMixin
+
+# diffusers' pipeline loader looks for a component's base class (ModelMixin) in the component's own module
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from torch import nn
 
