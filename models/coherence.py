@@ -62,6 +62,14 @@ def quantile_bin_edges(coherences: CoherenceInput, num_bins: int) -> list:
     return check_bin_edges(torch.quantile(values, levels).tolist(), num_bins)
 
 
+def register_fitted_config(model: ConfigMixin, **values) -> None:
+    """Record values fitted after construction (bin edges) in `model.config` so that `from_config` keeps them too:
+    diffusers lists every argument left at its default in `_use_default_values` and `from_config(config)` drops
+    those keys, which would silently forget fitted bins."""
+    used_defaults = [key for key in model.config.get("_use_default_values", []) if key not in values]
+    model.register_to_config(**values, _use_default_values=used_defaults)
+
+
 def check_coherence(coherence: CoherenceInput) -> torch.Tensor:
     """Coherence as a `(batch,)` tensor; a float or 0-d tensor is a batch of one, `(batch, 1)` is flattened.
     Raises a ValueError naming the offending values if any is non-finite or outside [0, 1]."""
@@ -130,7 +138,7 @@ class CoherenceEmbedding(ModelMixin, ConfigMixin):
             edges = [k / num_bins for k in range(1, num_bins)]  # uniform bins until `fit_bins` fits quantile edges
         else:
             edges = check_bin_edges(bin_edges, num_bins)
-        self.register_to_config(num_bins=num_bins, bin_edges=edges)
+        register_fitted_config(self, num_bins=num_bins, bin_edges=edges)
         # Derived from the config (not a weight): float64 so that an edge read back from JSON compares exactly.
         self.register_buffer("edges", torch.tensor(edges if edges else [], dtype=torch.float64), persistent=False)
 
@@ -272,7 +280,7 @@ class CoherenceConditioner(ModelMixin, ConfigMixin, AttentionMixin):
         config too (see `CoherenceEmbedding.fit_bins`). Returns `self`."""
         self.coherence_embedding.fit_bins(coherences, num_bins)
         embedding_config = self.coherence_embedding.config
-        self.register_to_config(num_bins=embedding_config.num_bins, bin_edges=embedding_config.bin_edges)
+        register_fitted_config(self, num_bins=embedding_config.num_bins, bin_edges=embedding_config.bin_edges)
         return self
 
     def forward(

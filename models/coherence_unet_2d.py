@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from torch import nn
 
-from storydiff.models.coherence import CoherenceEmbedding, CoherenceInput, check_coherence
+from storydiff.models.coherence import CoherenceEmbedding, CoherenceInput, check_coherence, register_fitted_config
 
 
 class CoherenceAwareUNet2DModel(UNet2DModel, AttentionMixin):
@@ -172,13 +172,8 @@ class CoherenceAwareUNet2DModel(UNet2DModel, AttentionMixin):
         model's config as `coherence_num_bins` / `coherence_bin_edges`. Returns `self`."""
         self.coherence_embedding.fit_bins(coherences, num_bins)
         embedding_config = self.coherence_embedding.config
-        # diffusers' from_config(config) drops every key listed as "left at its default" at construction: these
-        # two no longer are.
-        used_defaults = self.config.get("_use_default_values", [])
-        self.register_to_config(
-            coherence_num_bins=embedding_config.num_bins,
-            coherence_bin_edges=embedding_config.bin_edges,
-            _use_default_values=[key for key in used_defaults if not key.startswith("coherence_")],
+        register_fitted_config(
+            self, coherence_num_bins=embedding_config.num_bins, coherence_bin_edges=embedding_config.bin_edges
         )
         return self
 

@@ -264,3 +264,15 @@ def test_output_feeds_a_cross_attention_unet():
             encoder_attention_mask=context.encoder_attention_mask,
         ).sample
     assert sample.shape == (2, 4, 8, 8) and bool(torch.isfinite(sample).all())
+
+
+def test_fitted_bins_survive_from_config():
+    coherences = torch.linspace(0, 1, 101) ** 2
+    embedding = CoherenceEmbedding(dim=16).fit_bins(coherences, num_bins=4)
+    assert CoherenceEmbedding.from_config(embedding.config).config.bin_edges == embedding.config.bin_edges
+    conditioner = CoherenceConditioner(text_dim=8, dim=16, cross_attention_dim=8, num_registers=1, num_layers=1,
+                                       num_heads=2).fit_bins(coherences, num_bins=4)  # fmt: skip
+    rebuilt = CoherenceConditioner.from_config(conditioner.config)
+    assert (
+        rebuilt.config.num_bins == 4 and rebuilt.coherence_embedding.config.bin_edges == conditioner.config.bin_edges
+    )
