@@ -258,7 +258,7 @@ def classifier_scores(args, dataset, folder: Path) -> np.ndarray:
 
 def main(argv=None):
     """Score and save; returns the coherence values (None when a debug flag stopped the run early)."""
-    args = parse_args(argv)
+    args = parse_args(None if argv is None else [str(argument) for argument in argv])
     check_output_dir(args)
     other = (
         {"--caption_column": args.caption_column} if args.scorer == "clip" else {"--label_column": args.label_column}
