@@ -187,9 +187,21 @@ def test_class_modes_train_a_coherence_aware_unet(tmp_path, scored_folder, mode)
 
 
 def test_class_fine_tuning_starts_from_a_class_conditional_pipeline(tmp_path, scored_folder):
-    base = run(tmp_path / "first", scored_folder, *TINY_CLASS_UNET)
-    out = run(tmp_path / "again", scored_folder, *TINY_CLASS_UNET, "--pretrained_model_name_or_path", str(base))
-    assert isinstance(ClassConditionalPipeline.from_pretrained(out).unet, CoherenceAwareUNet2DModel)
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    # a plain class-conditional pipeline (the shipped digits model's kind) gets a coherence embedding ...
+    plain = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4, num_class_embeds=4, layers_per_block=1)  # fmt: skip
+    ClassConditionalPipeline(scheduler=DDPMScheduler(), unet=plain).save_pretrained(tmp_path / "plain")
+    out = run(tmp_path / "from_plain", scored_folder, *TINY_CLASS_UNET, "--pretrained_model_name_or_path",
+              str(tmp_path / "plain"), "--max_train_steps", "1", "--learning_rate", "1e-9")  # fmt: skip
+    tuned = ClassConditionalPipeline.from_pretrained(out).unet
+    assert isinstance(tuned, CoherenceAwareUNet2DModel)
+    torch.testing.assert_close(tuned.label_embedding.weight, plain.class_embedding.weight, atol=1e-6, rtol=0)
+    # ... and a coherence-aware one is fine-tuned as it is
+    again = run(tmp_path / "again", scored_folder, *TINY_CLASS_UNET, "--pretrained_model_name_or_path", str(out))
+    assert isinstance(ClassConditionalPipeline.from_pretrained(again).unet, CoherenceAwareUNet2DModel)
 
 
 # -------------------------------------------------------------------------------------------------------- bad input

@@ -298,9 +298,11 @@ def build_class_model(args, coherences, in_channels: int, num_classes: int) -> t
     from storydiff.training.train_class_conditional import build_unet
 
     if args.pretrained_model_name_or_path is not None:
-        base = UNet2DModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision
-        )
+        config = UNet2DModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
+        # a coherence-aware UNet is fine-tuned as it is; a plain class-conditional one gets a new coherence embedding
+        aware = config["_class_name"] == CoherenceAwareUNet2DModel.__name__
+        loader = CoherenceAwareUNet2DModel if aware else UNet2DModel
+        base = loader.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
         if base.config.num_class_embeds != num_classes + 1:
             raise ValueError(
                 f"The pretrained UNet has {base.config.num_class_embeds} class embeddings; the data has {num_classes} "
@@ -311,7 +313,7 @@ def build_class_model(args, coherences, in_channels: int, num_classes: int) -> t
         torch.manual_seed(args.seed)
         base = build_unet(args, in_channels, num_classes)
         scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
-    unet = CoherenceAwareUNet2DModel.from_unet(base)
+    unet = base if isinstance(base, CoherenceAwareUNet2DModel) else CoherenceAwareUNet2DModel.from_unet(base)
     if args.coherence_bins is not None:
         unet.fit_bins(coherences, args.coherence_bins)
     if args.gradient_checkpointing:
