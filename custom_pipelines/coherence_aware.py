@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks for it here)
@@ -47,6 +47,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from storydiff.models.coherence import CoherenceConditioner, check_coherence
+from storydiff.models.text_rin import TextRINModel
 from storydiff.pipeline_checks import (
     check_callback_tensor_inputs,
     check_generator,
@@ -117,7 +118,7 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
         tokenizer (`transformers.PreTrainedTokenizer`): its tokenizer.
         conditioner ([`CoherenceConditioner`]): text hidden states + coherence -> the denoiser's context. Its
             `text_dim` must be the text encoder's width and its `cross_attention_dim` the denoiser's.
-        denoiser (`UNet2DConditionModel`, [`TextRINModel`] or any model with the same call): predicts the noise (or v,
+        denoiser (`UNet2DConditionModel`, [`TextRINModel`] or any diffusers model with the same call): predicts the noise (or v,
             as the scheduler's `prediction_type` says) from `(sample, timestep, encoder_hidden_states=...,
             encoder_attention_mask=...)`.
         scheduler ([`SchedulerMixin`]): a first-order scheduler (one model evaluation per step), e.g. DDIM.
@@ -132,7 +133,7 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
         text_encoder,
         tokenizer,
         conditioner: CoherenceConditioner,
-        denoiser: ModelMixin,
+        denoiser: Union[UNet2DConditionModel, TextRINModel],
         scheduler: KarrasDiffusionSchedulers,
         vae: Optional[AutoencoderKL] = None,
     ):
@@ -164,7 +165,7 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
     @property
     def takes_self_conditioning(self) -> bool:
         """Whether the denoiser uses latent self-conditioning (storydiff's `TextRINModel` built with it)."""
-        parameters = inspect.signature(self.denoiser.forward).parameters
+        parameters = inspect.signature(type(self.denoiser).forward).parameters
         return "self_conditioning_latents" in parameters and getattr(self.denoiser.config, "self_conditioning", False)
 
     # ------------------------------------------------------------------------------------------------ conditioning

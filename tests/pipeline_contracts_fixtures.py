@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 from test_class_conditional_pipeline import unet_pipeline
+from test_coherence_aware_pipeline import tiny_cad_pipeline
 from test_director_pipeline import tiny_pipeline as tiny_director_pipeline
 from test_dynamic_cfg_controlnet_pipeline import condition as control_condition
 from test_dynamic_cfg_controlnet_pipeline import tiny_controlnet
@@ -19,6 +20,7 @@ from tiny_stable_diffusion import tiny_sd_components, tiny_sdxl_components
 
 from storydiff import (
     ClassConditionalPipeline,
+    CoherenceAwarePipeline,
     DirectorPipeline,
     DynamicCFGStableDiffusionControlNetPipeline,
     DynamicCFGStableDiffusionPipeline,
@@ -114,6 +116,15 @@ PIPELINE_CASES = {
         "dynamic_cfg_stable_diffusion_controlnet",
         _sd_controlnet,
         lambda batch: {"prompt": PROMPTS[:batch], "image": control_condition(), "output_type": "latent"},
+        lambda out: out.images,
+        lambda batch: (batch, 4, 16, 16),
+    ),
+    "coherence_aware": PipelineCase(
+        "coherence_aware",
+        CoherenceAwarePipeline,
+        "coherence_aware",
+        lambda tmp_path: tiny_cad_pipeline(tmp_path),
+        lambda batch: {"prompt": PROMPTS[:batch], "coherence": [1.0, 0.5][:batch], "output_type": "latent"},
         lambda out: out.images,
         lambda batch: (batch, 4, 16, 16),
     ),

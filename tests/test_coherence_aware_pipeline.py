@@ -239,3 +239,51 @@ def test_save_load_and_custom_pipeline(pipe, tmp_path):
         loaded.set_progress_bar_config(disable=True)
         again = loaded("the cat", num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
         torch.testing.assert_close(again, expected)
+
+
+def tiny_rin(seed: int = 0):
+    from storydiff import TextRINModel
+
+    torch.manual_seed(seed)
+    model = TextRINModel(sample_size=16, in_channels=4, patch_size=2, interface_dim=16, latent_dim=16, num_latents=4,
+                         num_blocks=1, compute_layers=1, num_heads=2, cross_attention_dim=TEXT_HIDDEN_SIZE)  # fmt: skip
+    with torch.no_grad():  # a trained model's zero-initialised projections are not zero: make the feedback visible
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_text_rin_keeps_self_conditioning_per_branch(tmp_path):
+    pipe = tiny_cad_pipeline(tmp_path, denoiser=tiny_rin())
+    assert pipe.takes_self_conditioning
+    seen = []
+    original = pipe.denoiser.forward
+
+    def recording(sample, timestep, **kwargs):
+        output = original(sample, timestep, **kwargs)
+        seen.append((kwargs["self_conditioning_latents"].clone(), output.latents.clone()))
+        return output
+
+    pipe.denoiser.forward = recording
+    schedule = [4.0, 1.0, 4.0, 4.0]  # guided, positive only, guided, guided
+    pipe(["the cat", "a dog"], guidance_scale=4.0, guidance_schedule=schedule, num_inference_steps=4,
+         output_type="latent")  # fmt: skip
+    assert [given.shape[0] for given, _ in seen] == [4, 2, 4, 4]
+    assert not seen[0][0].any()  # the first step starts from zeros in both branches
+    negative_0, positive_0 = seen[0][1].chunk(2)
+    torch.testing.assert_close(seen[1][0], positive_0)  # the unguided step continues the positive branch only
+    torch.testing.assert_close(seen[2][0], torch.cat([negative_0, seen[1][1]]))  # the negative branch kept its own
+    negative_2, positive_2 = seen[2][1].chunk(2)
+    torch.testing.assert_close(seen[3][0], torch.cat([negative_2, positive_2]))
+    assert not torch.allclose(negative_2, positive_2)
+
+
+def test_text_rin_pipeline_saves_and_loads(tmp_path):
+    pipe = tiny_cad_pipeline(tmp_path, denoiser=tiny_rin())
+    expected = pipe("a dog", num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
+    pipe.save_pretrained(tmp_path / "rin")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "rin", trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded("a dog", num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
+    torch.testing.assert_close(again, expected)
