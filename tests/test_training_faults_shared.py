@@ -37,6 +37,7 @@ TRAINING = Path(__file__).resolve().parents[1] / "training"
 SCRIPTS = [
     "train_class_conditional.py", "train_director.py", "train_clatr.py", "train_digit_classifier.py",
     "train_vae.py", "train_text_to_image.py", "train_video_ldm.py", "train_controlnet.py",
+    "train_coherence_aware.py", "compute_coherence.py", "train_digits_clip.py",
 ]  # fmt: skip
 TINY = [
     "--dataset", "digits", "--resolution", "16", "--block_out_channels", "8,16", "--norm_num_groups", "4",

@@ -14,19 +14,21 @@ condition there", which makes their coherence input equivalent to a plain condit
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported inside the methods: the training script reads MODES while parsing flags, before torch loads
 MODES = ("cad", "baseline", "filter", "weight")
 DEFAULT_CONDITION_DROPOUT = {"cad": 0.0, "baseline": 0.1, "filter": 0.1, "weight": 0.1}
 
 
 @dataclass
 class ModeBatch:
-    coherence: torch.Tensor  # (batch,) the coherence the model is conditioned on
-    dropped: torch.Tensor  # (batch,) bool: the condition is replaced by the null condition ("" / null class)
-    loss_weight: torch.Tensor  # (batch,) per-sample weight of the denoising loss
+    coherence: "torch.Tensor"  # (batch,) the coherence the model is conditioned on
+    dropped: "torch.Tensor"  # (batch,) bool: the condition is replaced by the null condition ("" / null class)
+    loss_weight: "torch.Tensor"  # (batch,) per-sample weight of the denoising loss
 
 
 class CoherenceTrainingMode:
@@ -39,6 +41,8 @@ class CoherenceTrainingMode:
         condition_dropout: Optional[float] = None,
         filter_threshold: Optional[float] = None,
     ):
+        import torch
+
         if mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
         self.mode = mode
@@ -64,13 +68,17 @@ class CoherenceTrainingMode:
 
     def kept_indices(self) -> list:
         """Dataset rows this mode trains on: all, or those with c >= threshold for `filter`."""
+        import torch
+
         if self.mode != "filter":
             return list(range(len(self.coherences)))
         return torch.nonzero(self.coherences >= self.filter_threshold)[:, 0].tolist()
 
-    def batch(self, indices: torch.Tensor) -> ModeBatch:
+    def batch(self, indices: "torch.Tensor") -> ModeBatch:
         """The conditioning coherence, dropout and loss weights for the dataset rows `indices` (draws the dropout from
         the global RNG, which checkpoints restore)."""
+        import torch
+
         coherence = self.coherences[indices.cpu()].to(indices.device)
         dropped = torch.rand(coherence.shape, device=coherence.device) < self.condition_dropout
         given = coherence if self.mode == "cad" else torch.ones_like(coherence)
