@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks for it here)
@@ -47,6 +47,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from storydiff.models.coherence import CoherenceConditioner, check_coherence
+from storydiff.models.controlnet_variants import check_condition_size
 from storydiff.models.text_rin import TextRINModel
 from storydiff.pipeline_checks import (
     check_callback_tensor_inputs,
@@ -122,10 +123,17 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
             as the scheduler's `prediction_type` says) from `(sample, timestep, encoder_hidden_states=...,
             encoder_attention_mask=...)`.
         scheduler ([`SchedulerMixin`]): a first-order scheduler (one model evaluation per step), e.g. DDIM.
+        controlnet (`ControlNetModel`, *optional*): a ControlNet built from the UNet denoiser (storydiff's
+            `ControlNetFullModel.from_unet(unet)` / `ControlNetLiteModel.from_unet(unet)` or diffusers'); every call
+            then takes a `control_image`. Control and coherence are separate knobs: the ControlNet reads the same
+            coherence-aware context as the UNet in each CFG branch, and both branches keep the condition image (as
+            the original ControlNet's unconditional branch does). diffusers' `ControlNetModel` takes no
+            `encoder_attention_mask`, so the ControlNet (not the UNet) also attends to the padded text positions of
+            the context.
     """
 
-    model_cpu_offload_seq = "text_encoder->conditioner->denoiser->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->conditioner->controlnet->denoiser->vae"
+    _optional_components = ["vae", "controlnet"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -136,11 +144,14 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
         denoiser: Union[UNet2DConditionModel, TextRINModel],
         scheduler: KarrasDiffusionSchedulers,
         vae: Optional[AutoencoderKL] = None,
+        controlnet: Optional[ControlNetModel] = None,
     ):
         super().__init__()
         self._check_widths(text_encoder, conditioner, denoiser)
+        if controlnet is not None:
+            self._check_controlnet(controlnet, conditioner, denoiser)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, conditioner=conditioner,
-                              denoiser=denoiser, scheduler=scheduler)  # fmt: skip
+                              denoiser=denoiser, scheduler=scheduler, controlnet=controlnet)  # fmt: skip
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -161,6 +172,51 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
                 f"cross_attention_dim={conditioner.config.cross_attention_dim}; build the conditioner with "
                 f"cross_attention_dim={context_width}."
             )
+
+    @staticmethod
+    def _check_controlnet(controlnet, conditioner, denoiser) -> None:
+        if not isinstance(controlnet, ControlNetModel):
+            raise TypeError(
+                "`controlnet` must be a ControlNetModel (storydiff's ControlNetFullModel / ControlNetLiteModel built "
+                f"with from_unet(unet), or diffusers'), got {type(controlnet).__name__}."
+            )
+        if not isinstance(denoiser, UNet2DConditionModel):
+            raise ValueError(
+                f"A ControlNet adds residuals to a UNet's skip connections; this denoiser is a "
+                f"{type(denoiser).__name__}, which has none. Use a UNet2DConditionModel denoiser, or drop the controlnet."
+            )
+        width = controlnet.config.cross_attention_dim
+        if width != conditioner.config.cross_attention_dim:
+            raise ValueError(
+                f"The controlnet cross-attends to {width}-wide context but the conditioner outputs "
+                f"{conditioner.config.cross_attention_dim}: build the ControlNet from this pipeline's UNet."
+            )
+
+    def prepare_control_image(self, control_image, num_prompts: int, num_images_per_prompt: int, latents, dtype):
+        """`control_image` checked against the controlnet and repeated to one per image, or None without one. The
+        checks run before denoising, so that a bad condition fails at once."""
+        if self.controlnet is None:
+            if control_image is not None:
+                raise ValueError(
+                    "`control_image` was given, but this pipeline has no controlnet; drop `control_image`."
+                )
+            return None
+        if not isinstance(control_image, torch.Tensor) or control_image.ndim != 4:
+            raise ValueError(
+                "This pipeline has a controlnet, so it needs `control_image`: a (batch, channels, height, width) tensor "
+                f"in [0, 1] at the image size, one per prompt or one for all; got {type(control_image).__name__}."
+            )
+        if control_image.shape[0] not in (1, num_prompts):
+            raise ValueError(
+                f"`control_image` has {control_image.shape[0]} images; give one per prompt ({num_prompts}) or one."
+            )
+        control_image = control_image.to(device=latents.device, dtype=dtype)
+        if not torch.isfinite(control_image).all() or control_image.min() < 0 or control_image.max() > 1:
+            raise ValueError("`control_image` must hold finite values in [0, 1] (the ControlNet's training range).")
+        check_condition_size(latents[:1], control_image, self.controlnet.config)
+        if control_image.shape[0] == 1:
+            return control_image.expand(num_prompts * num_images_per_prompt, -1, -1, -1)
+        return control_image.repeat_interleave(num_images_per_prompt, dim=0)
 
     @property
     def takes_self_conditioning(self) -> bool:
@@ -270,10 +326,17 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
             latents = check_latents(latents, shape).to(device=device, dtype=dtype)
         return latents * (scheduler or self.scheduler).init_noise_sigma
 
-    def _denoise(self, model_input, timestep, context, context_mask, self_conditioning):
-        """One denoiser call; returns `(prediction, latents for self-conditioning or None)`."""
+    def _denoise(
+        self, model_input, timestep, context, context_mask, self_conditioning, control=None, control_scale=1.0
+    ):
+        """One denoiser call (with the ControlNet's residuals when there is a control image); returns
+        `(prediction, latents for self-conditioning or None)`."""
         timesteps = timestep.reshape(-1)[:1].to(model_input.device).expand(model_input.shape[0])
         kwargs = {"encoder_hidden_states": context, "encoder_attention_mask": context_mask}
+        if control is not None:
+            down, mid = self.controlnet(model_input, timesteps, encoder_hidden_states=context, controlnet_cond=control,
+                                        conditioning_scale=control_scale, return_dict=False)  # fmt: skip
+            kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if self_conditioning is not None:
             output = self.denoiser(model_input, timesteps, self_conditioning_latents=self_conditioning, **kwargs)
             return output.sample, output.latents
@@ -311,6 +374,8 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
             Union[Callable[[Any, int, Any, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
         ] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        control_image: Optional[torch.Tensor] = None,
+        controlnet_conditioning_scale: float = 1.0,
     ) -> Union[CoherenceAwarePipelineOutput, tuple]:
         r"""Generate images for `prompt` at coherence `coherence`, with CA-CFG.
 
@@ -334,6 +399,9 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
             generator, latents, eta, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as in diffusers' pipelines (`generator` lists need one per image;
                 `output_type` one of "pil", "np", "pt", "latent").
+            control_image (`torch.Tensor`, *optional*): with a `controlnet` (required then, refused without): the
+                condition, `(batch, channels, height, width)` in [0, 1] at the image size, one per prompt or one for all.
+            controlnet_conditioning_scale (`float`, defaults to 1.0): multiplies the ControlNet's residuals.
 
         Returns:
             [`CoherenceAwarePipelineOutput`] or a tuple `(images, coherence)`.
@@ -398,6 +466,12 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
                 "CoherenceAwarePipeline needs a first-order scheduler (one evaluation per step), e.g. DDIM."
             )
         latents = self.prepare_latents(batch_size, height, width, dtype, device, generator, latents, scheduler)
+        if isinstance(controlnet_conditioning_scale, bool) or not isinstance(
+            controlnet_conditioning_scale, (int, float)
+        ):
+            raise TypeError(f"`controlnet_conditioning_scale` must be a float, got {controlnet_conditioning_scale!r}.")
+        control = self.prepare_control_image(control_image, len(prompts), num_images_per_prompt, latents, dtype)
+        control_both = None if control is None else torch.cat([control, control])
         step_parameters = set(inspect.signature(scheduler.step).parameters)
         extra_step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_parameters}
 
@@ -426,15 +500,18 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
                 if self_conditioning is not None:
                     both_self_conditioning = torch.cat([self_conditioning["negative"], self_conditioning["positive"]])
                 prediction, branch_latents = self._denoise(torch.cat([model_input, model_input]), timestep,
-                                                           both_context, both_mask, both_self_conditioning)  # fmt: skip
+                                                           both_context, both_mask, both_self_conditioning,
+                                                           control_both, controlnet_conditioning_scale)  # fmt: skip
                 negative_prediction, positive_prediction = prediction.chunk(2)
                 noise_pred = negative_prediction + step_scale * (positive_prediction - negative_prediction)
                 if self_conditioning is not None:
                     self_conditioning["negative"], self_conditioning["positive"] = branch_latents.chunk(2)
             else:
                 # No guidance on this step: the negative branch is not computed at all.
+                positive_self_conditioning = None if self_conditioning is None else self_conditioning["positive"]
                 noise_pred, branch_latents = self._denoise(model_input, timestep, context, context_mask,
-                                                           None if self_conditioning is None else self_conditioning["positive"])  # fmt: skip
+                                                           positive_self_conditioning, control,
+                                                           controlnet_conditioning_scale)  # fmt: skip
                 if self_conditioning is not None:
                     self_conditioning["positive"] = branch_latents
 

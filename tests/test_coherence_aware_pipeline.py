@@ -287,3 +287,71 @@ def test_text_rin_pipeline_saves_and_loads(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     again = loaded("a dog", num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
     torch.testing.assert_close(again, expected)
+
+
+# ---------------------------------------------------------------------------------- ControlNet: control beside coherence
+
+
+def test_controlnet_adds_control_beside_coherence(tmp_path):
+    from test_dynamic_cfg_controlnet_pipeline import tiny_controlnet
+
+    from storydiff import ControlNetFullModel
+
+    pipe = tiny_cad_pipeline(tmp_path)
+    hint = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    common = {"num_inference_steps": 2, "output_type": "latent", "guidance_scale": 3.0}
+    plain = pipe("the cat", generator=torch.manual_seed(0), **common).images
+
+    # a new ControlNet (zero convolutions) leaves the model exactly as it was
+    fresh = CoherenceAwarePipeline.from_pipe(
+        pipe, controlnet=ControlNetFullModel.from_unet(pipe.denoiser, conditioning_channels=1,
+                                                       conditioning_embedding_out_channels=(4, 8)))  # fmt: skip
+    torch.testing.assert_close(fresh("the cat", control_image=hint, generator=torch.manual_seed(0), **common).images,
+                               plain, rtol=0, atol=0)  # fmt: skip
+
+    controlled = CoherenceAwarePipeline.from_pipe(pipe, controlnet=tiny_controlnet(pipe.denoiser, 1))
+    seen = []
+    controlled.controlnet.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    steered = controlled("the cat", control_image=hint, generator=torch.manual_seed(0), **common).images
+    assert not torch.allclose(steered, plain)
+    # each CFG branch's ControlNet reads that branch's coherence-aware context (negative first)
+    negative, positive = seen[0].chunk(2)
+    embeds, mask = encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"])
+    torch.testing.assert_close(positive, pipe.condition(embeds, mask, 1.0)[0])
+    torch.testing.assert_close(negative, pipe.condition(embeds, mask, 0.0)[0])
+    off = controlled("the cat", control_image=hint, controlnet_conditioning_scale=0.0, generator=torch.manual_seed(0),
+                     **common).images  # fmt: skip
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    # coherence and control are separate knobs
+    low = controlled("the cat", coherence=0.0, control_image=hint, generator=torch.manual_seed(0), **common).images
+    assert not torch.allclose(low, steered)
+
+    controlled.save_pretrained(tmp_path / "with_controlnet")
+    loaded = CoherenceAwarePipeline.from_pretrained(tmp_path / "with_controlnet")
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded("the cat", control_image=hint, generator=torch.manual_seed(0), **common).images
+    torch.testing.assert_close(again, steered)
+
+
+def test_controlnet_input_errors(tmp_path):
+    from test_dynamic_cfg_controlnet_pipeline import tiny_controlnet
+
+    pipe = tiny_cad_pipeline(tmp_path)
+    controlled = CoherenceAwarePipeline.from_pipe(pipe, controlnet=tiny_controlnet(pipe.denoiser, 1))
+    hint = torch.rand(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="needs `control_image`"):
+        controlled("the cat", num_inference_steps=1)
+    with pytest.raises(ValueError, match="no controlnet"):
+        pipe("the cat", control_image=hint, num_inference_steps=1)
+    with pytest.raises(ValueError, match="channels"):
+        controlled("the cat", control_image=torch.rand(1, 3, 32, 32), num_inference_steps=1)
+    with pytest.raises(ValueError, match="Resize the condition"):
+        controlled("the cat", control_image=torch.rand(1, 1, 16, 16), num_inference_steps=1)
+    with pytest.raises(ValueError, match="one per prompt"):
+        controlled("the cat", control_image=torch.rand(2, 1, 32, 32), num_inference_steps=1)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        controlled("the cat", control_image=hint * 3, num_inference_steps=1)
+    with pytest.raises(ValueError, match="skip connections"):
+        CoherenceAwarePipeline(**{**pipe.components, "denoiser": tiny_rin(), "controlnet": controlled.controlnet})
