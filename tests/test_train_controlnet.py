@@ -338,3 +338,48 @@ def test_class_conditional_two_processes(class_base, tmp_path):
     pipe = ClassConditionalPipeline.from_pretrained(out)
     assert type(pipe.controlnet) is ControlNetFullModel
     assert json.loads((out / "train_metrics.json").read_text())["train_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------- coherence-aware bases
+
+
+@pytest.fixture(scope="module")
+def coherence_aware_base(tmp_path_factory) -> Path:
+    """A tiny CoherenceAwarePipeline folder (what train_coherence_aware.py saves) on 12x12 latents."""
+    from test_coherence_aware_pipeline import tiny_conditioner
+
+    from storydiff import CoherenceAwarePipeline
+
+    folder = tmp_path_factory.mktemp("cad_base")
+    components = tiny_sd_components(folder / "parts", sample_size=12)
+    pipe = CoherenceAwarePipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                  tokenizer=components["tokenizer"], conditioner=tiny_conditioner(),
+                                  denoiser=components["unet"], scheduler=components["scheduler"])  # fmt: skip
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+def test_guidance_coherence_trains_a_controlnet_for_a_coherence_aware_model(coherence_aware_base, tmp_path):
+    from storydiff import CoherenceAwarePipeline
+
+    out = run(coherence_aware_base, tmp_path / "cad", "--guidance", "coherence", "--max_train_steps", "2",
+              "--learning_rate", "1e-2", "--proportion_empty_prompts", "0.5")  # fmt: skip
+    pipe = CoherenceAwarePipeline.from_pretrained(out)
+    assert isinstance(pipe.controlnet, ControlNetFullModel)
+    base = CoherenceAwarePipeline.from_pretrained(coherence_aware_base)
+    for name in ("conditioner", "denoiser"):  # locked: only the ControlNet trained
+        before, after = base.components[name].state_dict(), pipe.components[name].state_dict()
+        assert all(torch.equal(before[key], after[key]) for key in before), name
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert "edge_iou" in metrics and "edge_iou_no_prompt" in metrics
+    assert "--guidance coherence" in (out / "README.md").read_text()
+    condition = torch.rand(1, 1, 24, 24)
+    image = pipe("a red 3", coherence=0.5, control_image=condition, num_inference_steps=1, output_type="np").images
+    assert image.shape == (1, 24, 24, 3)
+
+
+def test_guidance_must_match_the_base(coherence_aware_base, base_model, tmp_path):
+    with pytest.raises(ValueError, match="train its ControlNet with --guidance coherence"):
+        run(coherence_aware_base, tmp_path / "a", "--max_train_steps", "1")
+    with pytest.raises(ValueError, match="needs a coherence-aware base"):
+        run(base_model, tmp_path / "b", "--guidance", "coherence", "--max_train_steps", "1")

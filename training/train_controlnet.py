@@ -30,6 +30,11 @@ training/controlnet_class_conditional.py; the training loop (`train_controlnet`)
 
     accelerate launch training/train_controlnet.py --pretrained_model_name_or_path storydiff/checkpoints/digits-class-conditional \\
         --dataset digits --resolution 16 --variant lite --output_dir digits-class-cn
+
+Coherence-aware bases (`--guidance coherence`): a `CoherenceAwarePipeline` folder saved by train_coherence_aware.py
+with a UNet denoiser. Its frozen conditioner gives the context; a dropped caption keeps its text at coherence 0 (the
+negative of coherence-aware CFG) instead of becoming "". The output is a `CoherenceAwarePipeline` with the ControlNet
+in `controlnet/`, where coherence and control are separate knobs (training/controlnet_coherence_aware.py).
 """
 
 # ruff: noqa: E402 -- the flags are parsed before torch and diffusers are imported, so that --help answers at once
@@ -88,6 +93,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--proportion_empty_prompts", type=float, default=0.5,
                        help="P(caption -> '', or class -> null class); the paper uses 0.5 so the ControlNet learns "
                        "the condition itself.")  # fmt: skip
+    model.add_argument("--guidance", type=str, default="cfg", choices=("cfg", "coherence"),
+                       help="cfg: dropped captions become ''; coherence: a coherence-aware base (CoherenceAwarePipeline "
+                       "folder), dropped captions keep their text at coherence 0 (CA-CFG's negative).")  # fmt: skip
     model.add_argument("--condition_drop_each", type=float, default=None, help="Several conditions: P(drop one).")
     model.add_argument("--condition_drop_all", type=float, default=None, help="P(drop every condition).")
     model.add_argument("--condition_keep_all", type=float, default=None, help="Several conditions: P(keep all).")
@@ -195,6 +203,13 @@ from storydiff.training.controlnet_class_conditional import (
     glyph_edges,
     is_class_conditional_base,
     load_class_conditional_base,
+)
+from storydiff.training.controlnet_coherence_aware import (
+    ControlledCoherenceUNet,
+    coherence_aware_card,
+    coherence_aware_pipeline,
+    is_coherence_aware_base,
+    load_coherence_aware_base,
 )
 from storydiff.training.controlnet_data import (
     ImageConditionDataset,
@@ -361,9 +376,11 @@ def generate(
     images = []
     for start in range(0, len(captions), 64):
         generator = torch.Generator(device="cpu").manual_seed(seed + start)
-        batch = conditions[start : start + 64].to(pipeline.device, pipeline.unet.dtype)
+        batch = conditions[start : start + 64].to(pipeline.device, pipeline.controlnet.dtype)
         image = list(batch.split(channels, dim=1)) if channels is not None and len(channels) > 1 else batch
-        images.append(pipeline(list(captions[start : start + 64]), image=image, guidance_scale=guidance_scale,
+        # the coherence-aware pipeline names the condition `control_image` (its `image` would be ambiguous)
+        condition = {"control_image" if hasattr(pipeline, "conditioner") else "image": image}
+        images.append(pipeline(list(captions[start : start + 64]), **condition, guidance_scale=guidance_scale,
                                num_inference_steps=num_inference_steps, generator=generator, output_type="np",
                                height=batch.shape[-2], width=batch.shape[-1], **call_kwargs).images)  # fmt: skip
     return np.concatenate(images)
@@ -455,9 +472,23 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
             "(a ClassConditionalPipeline folder); for a Stable-Diffusion-shaped base use --dataset digits_world or "
             "an image folder."
         )
+    coherence_aware = not class_conditional and is_coherence_aware_base(
+        args.pretrained_model_name_or_path, args.revision
+    )
+    if coherence_aware != (args.guidance == "coherence"):
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is a coherence-aware model: train its ControlNet with --guidance "
+            "coherence."
+            if coherence_aware
+            else "--guidance coherence needs a coherence-aware base (a "
+            "CoherenceAwarePipeline folder saved by train_coherence_aware.py)."
+        )
     accelerator = create_accelerator(args, project_name="train_controlnet")
     set_seed(args.seed)
-    base = class_conditional_base(args) if class_conditional else text_base(args)
+    if class_conditional:
+        base = class_conditional_base(args)
+    else:
+        base = coherence_aware_base(args) if coherence_aware else text_base(args)
     return train_controlnet(args, argv, accelerator, base)
 
 
@@ -500,7 +531,6 @@ def text_base(args) -> ControlNetBase:
     controlnet = create_controlnet(args, unet, vae_stride(vae), sum(channels))
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    boundaries = np.cumsum([0] + channels)
 
     @torch.no_grad()
     def batch_to_model_inputs(batch) -> tuple:
@@ -510,11 +540,7 @@ def text_base(args) -> ControlNetBase:
         input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids.to(latents.device)  # fmt: skip
         encoder_hidden_states = text_encoder(input_ids)[0]
-        conditions = batch["conditions"].to(latents.device, latents.dtype)
-        keep = condition_dropout_mask(len(conditions), len(channels), args.condition_drop_each,
-                                      args.condition_drop_all, args.condition_keep_all)  # fmt: skip
-        for index in range(len(channels)):
-            conditions[:, boundaries[index] : boundaries[index + 1]] *= keep[:, index, None, None, None].to(conditions)
+        conditions = drop_conditions(batch["conditions"].to(latents.device, latents.dtype), channels, args)
         return latents, encoder_hidden_states, conditions
 
     def held_out() -> tuple:
@@ -551,6 +577,82 @@ def text_base(args) -> ControlNetBase:
         frozen=(vae, text_encoder),
         extra_settings={
             "condition_dropout": [args.condition_drop_each, args.condition_drop_all, args.condition_keep_all]
+        },
+    )
+
+
+def drop_conditions(conditions: torch.Tensor, channels: list, args) -> torch.Tensor:
+    """Zero whole conditions of the channel concatenation with Uni-ControlNet's drop-each / drop-all / keep-all."""
+    keep = condition_dropout_mask(len(conditions), len(channels), args.condition_drop_each, args.condition_drop_all,
+                                  args.condition_keep_all)  # fmt: skip
+    boundaries = np.cumsum([0] + channels)
+    for index in range(len(channels)):
+        conditions[:, boundaries[index] : boundaries[index + 1]] *= keep[:, index, None, None, None].to(conditions)
+    return conditions
+
+
+def coherence_aware_base(args) -> ControlNetBase:
+    """A coherence-aware text-to-image model (`CoherenceAwarePipeline` with a UNet): the frozen conditioner gives the
+    context at coherence 1, or 0 for a dropped caption (which keeps its text: CA-CFG's negative branch)."""
+    from diffusers import DDPMScheduler
+
+    from storydiff.custom_pipelines.coherence_aware import encode_text
+
+    dataset, dataset_id, condition_names, channels = load_training_data(args)
+    if args.conditioning_channels is not None and args.conditioning_channels != sum(channels):
+        raise ValueError(f"--conditioning_channels {args.conditioning_channels} does not match the data: "
+                         f"{dict(zip(condition_names, channels))} make {sum(channels)} channel(s).")  # fmt: skip
+    base = load_coherence_aware_base(args)
+    vae, unet = base.vae, base.denoiser
+    controlnet = create_controlnet(args, unet, vae_stride(vae), sum(channels))
+
+    @torch.no_grad()
+    def batch_to_model_inputs(batch) -> tuple:
+        latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        dropped = torch.rand(len(batch["captions"])) < args.proportion_empty_prompts
+        text, mask = encode_text(base.tokenizer, base.text_encoder, batch["captions"], latents.device)
+        context = base.conditioner(text, (~dropped).float().to(latents.device), mask)
+        conditions = drop_conditions(batch["conditions"].to(latents.device, latents.dtype), channels, args)
+        return latents, (context.encoder_hidden_states, context.encoder_attention_mask), conditions
+
+    def held_out() -> tuple:
+        validation = held_out_examples(args, args.num_validation_examples, dataset)
+        evaluation = (
+            held_out_examples(args, args.num_evaluation_images, dataset) if args.dataset == DIGITS_WORLD else None
+        )
+        return validation, evaluation
+
+    return ControlNetBase(
+        model=ControlledCoherenceUNet(controlnet, unet),
+        noise_scheduler=DDPMScheduler.from_config(base.scheduler.config),
+        dataset=dataset,
+        dataset_id=dataset_id,
+        dataset_settings={
+            "name": dataset_id or args.train_data_dir,
+            "num_examples": len(dataset),
+            "conditions": condition_names,
+        },  # fmt: skip
+        batch_to_model_inputs=batch_to_model_inputs,
+        held_out=held_out,
+        make_pipeline=lambda unet, controlnet: coherence_aware_pipeline(base, unet, controlnet),
+        validation_grid=lambda pipeline, examples, step: validation_grid(pipeline, args, examples, channels, step),
+        evaluate=lambda pipeline, examples: evaluate_digits(
+            pipeline,
+            args.digits_conditions,
+            examples,
+            args.validation_guidance_scale,
+            args.validation_inference_steps,
+            args.seed,
+        ),  # fmt: skip
+        card=lambda model: coherence_aware_card(
+            args, model, dataset_id, describe_conditions(condition_names, channels), sum(channels)
+        ),  # fmt: skip
+        name="coherence-aware ControlNet pipeline",
+        collate_fn=collate_image_conditions,
+        frozen=(vae, base.text_encoder, base.conditioner),
+        extra_settings={
+            "guidance": args.guidance,
+            "condition_dropout": [args.condition_drop_each, args.condition_drop_all, args.condition_keep_all],
         },
     )
 
