@@ -83,12 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--text_steps", type=int, default=1000)
     training.add_argument("--training_flags", default="", help="appended to every training command (tests)")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--class_guidance_scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    evaluation.add_argument("--class_guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
     evaluation.add_argument("--text_guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 6.0])
     evaluation.add_argument("--coherences", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     evaluation.add_argument("--class_sweep_scale", type=float, default=3.0, help="guided scale of the c sweep")
     evaluation.add_argument("--text_sweep_scale", type=float, default=4.0, help="guided scale of the c sweep")
-    evaluation.add_argument("--samples_per_class", type=int, default=50)
+    evaluation.add_argument("--samples_per_class", type=int, default=25)
     evaluation.add_argument("--num_captions", type=int, default=160, help="text: held-out true captions per point")
     evaluation.add_argument("--num_inference_steps", type=int, default=20)
     evaluation.add_argument("--bootstrap", type=int, default=100)
@@ -618,7 +618,7 @@ def _row_table(rows: list, metric: str, name: str, extra: tuple = ()) -> str:
     header = (f"| model | g | c | {name} | FD | {''.join(f'{e} | ' for e in extra)}s |\n"
               f"|---|---|---|---|---|{'---|' * len(extra)}---|\n")  # fmt: skip
     return header + "\n".join(
-        f"| {r['mode']}{'' if r.get('negative', 'same') in ('same', 'empty') else ', negative: ' + r['negative']} | "
+        f"| {r['mode']}{', negative: ' + r['negative'] if r['mode'].startswith('cad') and r.get('negative', 'same') != 'same' else ''} | "
         f"{r['guidance_scale']:g} | {r['coherence']:g} | {r[metric]:.3f} ± {r[f'{metric}_se']:.3f} | "
         f"{r['frechet_distance']:.2f} ± {r['frechet_std']:.2f} | {''.join(f'{r[e]:.3f} | ' for e in extra)}"
         f"{r['seconds']:.0f} |"
@@ -664,7 +664,10 @@ def write_report(results: dict, path: Path) -> None:
         f"2. Coherence: `{results['score_command']}`.\n"
         "3. Training, equal compute for every mode (same steps, batch, learning rate, EMA), at most two at a time with "
         "one thread each:\n"
-        + "".join(f"   - `{run}`: `{t['command']}`\n" for run, t in results["training"].items())
+        + "".join(
+            f"   - `{run}`: `{t['command'].replace(str(REPOSITORY) + '/', '')}`\n"
+            for run, t in results["training"].items()
+        )  # fmt: skip
         + f"4. Evaluation: {results['evaluation_description']}\n\n"
         f"![{stem}]({stem}.png)\n\n"
         "## Verdict\n\n" + "\n".join(results["verdict"]) + "\n\n"
@@ -698,7 +701,7 @@ CLASS_TEXT = {
         "sklearn digits whose labels are partly wrong, sampled with the `ClassConditionalPipeline`."
     ),
     "limits": (
-        "- 1437 training digits at 16x16 and 1 M-parameter UNets trained for 1000 steps on a CPU; the paper trains "
+        "- {samples} training digits at 16x16 and 1 M-parameter UNets trained for {steps} steps on a CPU; the paper trains "
         "on ImageNet-scale data. The orderings may carry over, the sizes do not.\n"
         "- The corruption is uniform label noise with a known rate, and the coherence is the out-of-fold confidence "
         "of a small classifier trained on the same noisy labels; on real data neither is that clean.\n"
@@ -719,8 +722,8 @@ TEXT_TEXT = {
         "from the `CoherenceAwarePipeline`. Coherence is the cosine of the project's tiny digits CLIP."
     ),
     "limits": (
-        "- 8000 canvases of one digit at 32x32 and models of about a million parameters fine-tuned for a few "
-        "thousand steps on a CPU; the paper trains on web data at 256-512 px. Only orderings can carry over.\n"
+        "- {samples} canvases of one digit at 32x32 and models of about a million parameters fine-tuned for {steps} "
+        "steps of batch 32 on a CPU; the paper trains on web data at 256-512 px. Only orderings can carry over.\n"
         "- The fine-tuned UNet starts from a model trained on clean captions, while its conditioner is new; TextRIN "
         "starts from scratch with the same number of steps, so it is expected to be weaker (said, not hidden).\n"
         "- Wrong and vague captions are cleanly separated by the digits CLIP, so the coherence is nearly binary; "
@@ -770,6 +773,9 @@ def analyse(part: str, evaluated: dict, args, prepared: dict, command: str, eval
         "negatives": evaluated.get("negatives", []), "real": evaluated["real"], "coherence_effects": effects,
         "comparisons": comparisons, "evaluation_s": evaluation_s,
     }  # fmt: skip
+    kept = results["training"]["cad"]["kept_examples"]
+    steps = args.class_steps if part == "class" else args.text_steps
+    results["limits"] = texts["limits"].format(samples=kept, steps=steps)
     results["verdict"] = verdict_lines(results)
     results["verdicts"] = {"coherence_raises_" + metric: [e["effect"]["verdict"] for e in effects],
                            "cad_beats_baseline_and_filter": overall_tradeoff(comparisons)}  # fmt: skip
