@@ -38,8 +38,8 @@ shared machine largely cancels out of the ratios, not out of the absolute times.
 only.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_coherence_aware.py   # writes docs/benchmarks/coherence_aware_cpu.json
-    python benchmarks/bench_coherence_aware.py --device cuda --sd15-latent-size 64 --sd15-steps 25 --batch-size 4 \
-        --output docs/benchmarks/coherence_aware_cuda.json
+    python benchmarks/bench_coherence_aware.py --device cuda --sd15-latent-size 64 --sd15-steps 25 \
+        --sd15-batch-size 4 --sd15-repeats 15 --output docs/benchmarks/coherence_aware_cuda.json
 """
 
 import argparse
