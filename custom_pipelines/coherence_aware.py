@@ -274,6 +274,16 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
         output = self.conditioner(text_embeds.to(self.conditioner.dtype), coherence, text_attention_mask)
         return output.encoder_hidden_states.to(self.denoiser.dtype), output.encoder_attention_mask
 
+    @staticmethod
+    def drop_padding(context: torch.Tensor, context_mask: torch.Tensor) -> tuple:
+        """The context without the positions that are padding in every row, and its mask (None once no padding is
+        left). The denoiser gives masked positions a weight of exactly 0, so this changes nothing but the cost: a
+        short caption padded to the tokenizer's length would otherwise be attended over at full length, and a mask
+        keeps attention off its fastest kernels."""
+        keep = context_mask.bool().any(dim=0)
+        context, context_mask = context[:, keep], context_mask[:, keep]
+        return context, (None if context_mask.bool().all() else context_mask)
+
     # ------------------------------------------------------------------------------------------------------ checks
 
     @staticmethod
@@ -440,7 +450,8 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
         )  # fmt: skip
         per_image = [c for c in positive_coherence for _ in range(num_images_per_prompt)]
         negative_per_image = [c for c in negative_coherence for _ in range(num_images_per_prompt)]
-        context, context_mask = self.condition(embeds, mask, torch.tensor(per_image))
+        positive_context, positive_mask = self.condition(embeds, mask, torch.tensor(per_image))
+        context, context_mask = self.drop_padding(positive_context, positive_mask)
         both = {}  # [negative, positive] context and mask, made on the first guided step
 
         def both_branches() -> tuple:
@@ -452,8 +463,8 @@ class CoherenceAwarePipeline(SavedPipelineClassMixin, StepCallbackStateMixin, Di
                     )
                 negative_context, negative_context_mask = self.condition(negative_embeds, negative_mask,
                                                                          torch.tensor(negative_per_image))  # fmt: skip
-                both["context"] = torch.cat([negative_context, context])
-                both["mask"] = torch.cat([negative_context_mask, context_mask])
+                both["context"], both["mask"] = self.drop_padding(torch.cat([negative_context, positive_context]),
+                                                                  torch.cat([negative_context_mask, positive_mask]))  # fmt: skip
             return both["context"], both["mask"]
 
         # Sampling state lives in a copy of the scheduler, so that concurrent calls cannot disturb each other.

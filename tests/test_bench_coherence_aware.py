@@ -58,7 +58,8 @@ def test_quick_benchmark_writes_every_comparison(tmp_path, restore_threads):
         for variant, row in section["variants"].items():
             assert_ratio(row, variant, benchmark.STOCK)
             assert row["unet_images"] == section["stock_unet_images"]
-            assert row["context_tokens"] == [1 + registers + text_tokens]
+            # the pipeline drops the positions that are padding in every prompt: at most all the text tokens
+            assert all(1 + registers < tokens <= 1 + registers + text_tokens for tokens in row["context_tokens"])
     assert ca_cfg["sd15"]["conditioner"]["dim"] == 256 and ca_cfg["sd15"]["text_shape"] == [77, 768]
 
     # 2. the conditioner against one UNet step, and the UNet step on the conditioner's context against the stock one

@@ -114,24 +114,53 @@ def test_coherence_changes_the_image(pipe):
 def test_negative_prompt_options(pipe):
     recorder = RecordingDenoiser(pipe.denoiser)
     pipe = CoherenceAwarePipeline.from_pipe(pipe, denoiser=recorder)
-    positive = pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"]), 1.0)[0]
 
-    def negative_context(**kwargs):
+    def context(texts, coherence):
+        return pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, texts), coherence)
+
+    def branches(**kwargs):
+        """The [negative, positive] context the denoiser received on the first (guided) step."""
         recorder.calls.clear()
         pipe("the cat", num_inference_steps=1, output_type="latent", generator=torch.manual_seed(0), **kwargs)
-        return recorder.calls[0]["context"][:1]
+        return recorder.calls[0]["context"]
 
-    same = negative_context()
-    by_hand = pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"]), 0.0)[0]
-    torch.testing.assert_close(same, by_hand)
-    empty = negative_context(negative_prompt="")
-    torch.testing.assert_close(empty, pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, [""]), 0.0)[0])
-    random = negative_context(random_negative_prompt=True)
-    assert not torch.allclose(random, same) and not torch.allclose(random, empty)
-    torch.testing.assert_close(negative_context(random_negative_prompt=True), random)  # same generator, same strings
-    assert not torch.allclose(same, positive)
+    def expected(negative_texts, negative_coherence=0.0):
+        negative, negative_mask = context(negative_texts, negative_coherence)
+        positive, positive_mask = context(["the cat"], 1.0)
+        return pipe.drop_padding(torch.cat([negative, positive]), torch.cat([negative_mask, positive_mask]))[0]
+
+    same = branches()
+    torch.testing.assert_close(same, expected(["the cat"]))  # the paper's pure form: same text at c = 0
+    empty = branches(negative_prompt="")
+    torch.testing.assert_close(empty, expected([""]))
+    random = branches(random_negative_prompt=True)  # the generator's first draws are the random strings
+    torch.testing.assert_close(random, expected(random_prompts(["the cat"], torch.Generator().manual_seed(0))))
+    assert random_prompts(["the cat"], torch.Generator().manual_seed(0)) != ["the cat"]
+    assert not torch.allclose(same[:1], same[1:])
     with pytest.raises(ValueError, match="not both"):
         pipe("the cat", negative_prompt="", random_negative_prompt=True, num_inference_steps=1)
+
+
+def test_padding_is_dropped_from_the_context_without_changing_the_result(pipe):
+    recorder = RecordingDenoiser(pipe.denoiser)
+    recording = CoherenceAwarePipeline.from_pipe(pipe, denoiser=recorder)
+    recording(["a", "the cat"], num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    embeds, mask = encode_text(pipe.tokenizer, pipe.text_encoder, ["a", "the cat"])
+    longest = int(mask.sum(1).max())
+    registers = pipe.conditioner.config.num_registers
+    assert recorder.calls[0]["context"].shape[1] == 1 + registers + longest < 1 + registers + mask.shape[1]
+    context, context_mask = pipe.condition(embeds, mask, 1.0)
+    trimmed, trimmed_mask = pipe.drop_padding(context, context_mask)
+    assert trimmed_mask is not None and trimmed_mask[0].sum() < trimmed_mask[1].sum()  # "a" is shorter: still masked
+    assert (
+        pipe.drop_padding(*pipe.condition(*encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"]), 1.0))[1]
+        is None
+    )
+    # the denoiser's output is the same with the padded, masked context and with the trimmed one
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 500])
+    full = pipe.denoiser(latents, t, encoder_hidden_states=context, encoder_attention_mask=context_mask).sample
+    short = pipe.denoiser(latents, t, encoder_hidden_states=trimmed, encoder_attention_mask=trimmed_mask).sample
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
 
 
 def test_random_prompts_keep_the_word_lengths():
@@ -319,8 +348,8 @@ def test_controlnet_adds_control_beside_coherence(tmp_path):
     # each CFG branch's ControlNet reads that branch's coherence-aware context (negative first)
     negative, positive = seen[0].chunk(2)
     embeds, mask = encode_text(pipe.tokenizer, pipe.text_encoder, ["the cat"])
-    torch.testing.assert_close(positive, pipe.condition(embeds, mask, 1.0)[0])
-    torch.testing.assert_close(negative, pipe.condition(embeds, mask, 0.0)[0])
+    torch.testing.assert_close(positive, pipe.drop_padding(*pipe.condition(embeds, mask, 1.0))[0])
+    torch.testing.assert_close(negative, pipe.drop_padding(*pipe.condition(embeds, mask, 0.0))[0])
     off = controlled("the cat", control_image=hint, controlnet_conditioning_scale=0.0, generator=torch.manual_seed(0),
                      **common).images  # fmt: skip
     torch.testing.assert_close(off, plain, rtol=0, atol=0)
