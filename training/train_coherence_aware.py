@@ -611,7 +611,8 @@ def save_output(args, argv, pipeline, grid, metrics, rule, dataset_id) -> None:
         flat.update({f"coherence_{k}": v for k, v in metrics["coherence"].items() if not isinstance(v, (list, dict))})
         write_model_card(
             folder,
-            title=f"Coherence-aware diffusion ({args.mode} mode) on {dataset_id or 'an image folder'}",
+            title=f"Coherence-aware diffusion ({args.mode} mode) on "
+            f"{dataset_id or os.path.basename(os.path.normpath(args.train_data_dir))}",
             description=(
                 f"{what}, trained by storydiff's `training/train_coherence_aware.py` in `{args.mode}` mode "
                 f"(training/coherence_modes.py) on data whose coherence column came from "
