@@ -28,6 +28,10 @@ import storydiff.demo.controlnet as controlnet
 
 controlnet.DEMO_NUM_CONDITIONS = 4
 controlnet.DEMO_INFERENCE_STEPS = 3
+import storydiff.demo.coherence_aware as coherence_aware
+
+coherence_aware.DEMO_NUM_CAPTIONS = 4
+coherence_aware.DEMO_INFERENCE_STEPS = 3
 sys.exit(main(["demo", "--output-dir", sys.argv[1]]))
 """
 
@@ -73,6 +77,13 @@ def test_demo_command_writes_the_grid_and_the_metrics_table_from_a_plain_install
     with PIL.Image.open(output_dir / "controlnet_photo.png") as photo:
         assert photo.width > 600 and np.asarray(photo.convert("L")).std() > 10
     assert (output_dir / "controlnet_samples.png").stat().st_size > 0
+    # the coherence-aware section: CAD at coherence 0 -> 1 and the baseline, measured back
+    with (output_dir / "coherence_aware_metrics.csv").open() as handle:
+        cad_rows = list(csv.DictReader(handle))
+    assert [row["test-time coherence"] for row in cad_rows] == ["0", "0.25", "0.5", "0.75", "1", "(none)"]
+    assert [row["model"] for row in cad_rows] == ["CAD"] * 5 + ["baseline"]
+    assert all(0.0 <= float(row["overall"]) <= 1.0 for row in cad_rows)
+    assert (output_dir / "coherence_aware_samples.png").stat().st_size > 0
     printed = result.stdout
     assert str(grid.resolve()) in printed and "dynamic_cfg_metrics.md" in printed
     assert "director_3_blender.py" in printed

@@ -10,6 +10,8 @@
 >>> video_pipe = video_ldm_pipeline()
 >>> from storydiff.checkpoints import controlnet_pipeline
 >>> control_pipe = controlnet_pipeline("digits-controlnet-edges")
+>>> from storydiff.checkpoints import coherence_aware_pipeline
+>>> cad_pipe = coherence_aware_pipeline("digits-coherence-aware-text")
 """
 
 from pathlib import Path
@@ -21,8 +23,10 @@ DIGITS_VIDEO_LDM = "digits-video-ldm"
 
 
 def _is_checkpoint(path: Path) -> bool:
-    # a saved pipeline (model_index.json), a single saved model (config.json) or temporal layers alone
-    return any((path / name).is_file() for name in ("model_index.json", "config.json", "temporal_config.json"))
+    # a saved pipeline (model_index.json), a single saved model (config.json), temporal layers alone, or the
+    # conditioner and denoiser of a coherence-aware model
+    markers = ("model_index.json", "config.json", "temporal_config.json", "conditioner/config.json")
+    return any((path / name).is_file() for name in markers)
 
 
 def checkpoint_path(name: str) -> str:
@@ -125,5 +129,49 @@ def controlnet_pipeline(controlnets=DIGITS_CONTROLNET_EDGES, device: str = "cpu"
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    return pipe.to(device)
+
+
+DIGITS_COHERENCE_AWARE_TEXT = "digits-coherence-aware-text"
+DIGITS_COHERENCE_BASELINE_TEXT = "digits-coherence-baseline-text"
+DIGITS_COHERENCE_AWARE_CLASS = "digits-coherence-aware-class"
+
+
+def coherence_aware_pipeline(name: str = DIGITS_COHERENCE_AWARE_TEXT, device: str = "cpu"):
+    """A `CoherenceAwarePipeline` of a shipped coherence-aware model of the captioned digits world, trained by
+    training/train_coherence_aware.py on captions of which 40 % were made wrong or vague (commands, data preparation
+    and measured figures in its README.md):
+
+    - `"digits-coherence-aware-text"`: the digits text-to-image UNet fine-tuned with a `CoherenceConditioner` in `cad`
+      mode; sample it with CA-CFG (the defaults: `negative_prompt=None`, `negative_coherence=0.0`);
+    - `"digits-coherence-baseline-text"`: the same, trained in `baseline` mode (condition dropout 0.1, no coherence):
+      sample it with `negative_prompt=""`.
+
+    Only the conditioner and the denoiser are shipped; the VAE, text encoder and tokenizer come from
+    `text_to_image_pipeline_path()`. The class-conditional model (`"digits-coherence-aware-class"`) is a whole
+    `ClassConditionalPipeline` folder: load it with `ClassConditionalPipeline.from_pretrained(checkpoint_path(name))`.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from storydiff.custom_pipelines.coherence_aware import CoherenceAwarePipeline
+    from storydiff.models.coherence import CoherenceConditioner
+    from storydiff.models.text_rin import TextRINModel
+
+    folder = Path(checkpoint_path(name))
+    if not (folder / "conditioner").is_dir():
+        raise ValueError(f"{name!r} is not a shipped text coherence-aware model (it has no conditioner).")
+    denoiser_class = UNet2DConditionModel
+    if TextRINModel.load_config(folder / "denoiser")["_class_name"] == TextRINModel.__name__:
+        denoiser_class = TextRINModel
+    base = text_to_image_pipeline_path()
+    pipe = CoherenceAwarePipeline(
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae"),
+        text_encoder=CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"),
+        conditioner=CoherenceConditioner.from_pretrained(folder / "conditioner"),
+        denoiser=denoiser_class.from_pretrained(folder / "denoiser"),
+        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
     )
     return pipe.to(device)

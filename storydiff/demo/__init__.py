@@ -47,6 +47,11 @@ DEMO_SECTIONS: list[DemoSection] = [
     ),
     DemoSection("Video LDM on moving digits", "video_ldm", "storydiff.demo.video_ldm:video_ldm_demo"),
     DemoSection("ControlNet variants on the digits world", "controlnet", "storydiff.demo.controlnet:controlnet_demo"),
+    DemoSection(
+        "Coherence-aware diffusion on noisy captions",
+        "coherence_aware",
+        "storydiff.demo.coherence_aware:coherence_aware_demo",
+    ),
 ]
 
 DEMO_CPU_THREADS = 1
