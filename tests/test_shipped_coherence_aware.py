@@ -68,3 +68,24 @@ def test_the_readme_quick_start_runs():
     namespace = {}
     exec(compile(code, "README quick start", "exec"), namespace)
     assert len(namespace["images"]) == 3 and namespace["images"][0].size == (32, 32)
+
+
+def test_the_class_conditional_model_follows_its_labels_more_at_higher_coherence():
+    from storydiff import ClassConditionalPipeline, CoherenceAwareUNet2DModel
+    from storydiff.checkpoints import DIGITS_COHERENCE_AWARE_CLASS
+    from storydiff.evaluation.digits import class_accuracy
+
+    folder = Path(checkpoint_path(DIGITS_COHERENCE_AWARE_CLASS))
+    card = (folder / "README.md").read_text()
+    assert "--condition class" in card and "--mode cad" in card and "--scorer classifier" in card
+    pipe = ClassConditionalPipeline.from_pretrained(folder)
+    assert isinstance(pipe.unet, CoherenceAwareUNet2DModel)
+    pipe.set_progress_bar_config(disable=True)
+    labels = [digit for digit in range(10) for _ in range(4)]
+
+    def accuracy(coherence: float) -> float:
+        images = pipe(class_labels=labels, coherence=coherence, guidance_scale=1.0, num_inference_steps=10,
+                      generator=torch.manual_seed(0), output_type="np").images  # fmt: skip
+        return class_accuracy(images, labels)
+
+    assert accuracy(1.0) > accuracy(0.0) + 0.1
