@@ -60,8 +60,9 @@ setup(
     version=VERSION,
     # only what is available today (the README's status table); add a capability here when it ships
     description="Diffusers components for story-level generation: dynamic classifier-free guidance schedules, "
-    "DIRECTOR camera trajectories, text-to-image training in miniature, Video LDM temporal layers and ControlNet "
-    "variants (full, lite, mid-block-only, multi-condition).",
+    "coherence-aware diffusion (coherence as a test-time control, CA-CFG), DIRECTOR camera trajectories, "
+    "text-to-image training in miniature, Video LDM temporal layers and ControlNet variants (full, lite, "
+    "mid-block-only, multi-condition).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
