@@ -543,6 +543,21 @@ def text_base(args) -> ControlNetBase:
         conditions = drop_conditions(batch["conditions"].to(latents.device, latents.dtype), channels, args)
         return latents, encoder_hidden_states, conditions
 
+    return ControlNetBase(
+        model=ControlledUNet(controlnet, unet),
+        noise_scheduler=components["scheduler"],
+        batch_to_model_inputs=batch_to_model_inputs,
+        make_pipeline=lambda unet, controlnet: make_pipeline(components, unet, controlnet),
+        card=lambda model: text_card(args, model, dataset_id, condition_names, channels),
+        frozen=(vae, text_encoder),
+        **captioned_data_fields(args, dataset, dataset_id, condition_names, channels),
+    )
+
+
+def captioned_data_fields(args, dataset, dataset_id, condition_names, channels) -> dict:
+    """What every captioned base (SD-shaped or coherence-aware) brings alike: its data, the held-out digits-world
+    examples, the validation grid, the evaluation and the resume settings of the condition dropout."""
+
     def held_out() -> tuple:
         validation = held_out_examples(args, args.num_validation_examples, dataset)
         evaluation = (
@@ -550,9 +565,7 @@ def text_base(args) -> ControlNetBase:
         )
         return validation, evaluation
 
-    return ControlNetBase(
-        model=ControlledUNet(controlnet, unet),
-        noise_scheduler=components["scheduler"],
+    return dict(
         dataset=dataset,
         dataset_id=dataset_id,
         dataset_settings={
@@ -560,9 +573,7 @@ def text_base(args) -> ControlNetBase:
             "num_examples": len(dataset),
             "conditions": condition_names,
         },
-        batch_to_model_inputs=batch_to_model_inputs,
         held_out=held_out,
-        make_pipeline=lambda unet, controlnet: make_pipeline(components, unet, controlnet),
         validation_grid=lambda pipeline, examples, step: validation_grid(pipeline, args, examples, channels, step),
         evaluate=lambda pipeline, examples: evaluate_digits(
             pipeline,
@@ -572,9 +583,7 @@ def text_base(args) -> ControlNetBase:
             args.validation_inference_steps,
             args.seed,
         ),
-        card=lambda model: text_card(args, model, dataset_id, condition_names, channels),
         collate_fn=collate_image_conditions,
-        frozen=(vae, text_encoder),
         extra_settings={
             "condition_dropout": [args.condition_drop_each, args.condition_drop_all, args.condition_keep_all]
         },
@@ -615,45 +624,19 @@ def coherence_aware_base(args) -> ControlNetBase:
         conditions = drop_conditions(batch["conditions"].to(latents.device, latents.dtype), channels, args)
         return latents, (context.encoder_hidden_states, context.encoder_attention_mask), conditions
 
-    def held_out() -> tuple:
-        validation = held_out_examples(args, args.num_validation_examples, dataset)
-        evaluation = (
-            held_out_examples(args, args.num_evaluation_images, dataset) if args.dataset == DIGITS_WORLD else None
-        )
-        return validation, evaluation
-
+    fields = captioned_data_fields(args, dataset, dataset_id, condition_names, channels)
+    fields["extra_settings"]["guidance"] = args.guidance
     return ControlNetBase(
         model=ControlledCoherenceUNet(controlnet, unet),
         noise_scheduler=DDPMScheduler.from_config(base.scheduler.config),
-        dataset=dataset,
-        dataset_id=dataset_id,
-        dataset_settings={
-            "name": dataset_id or args.train_data_dir,
-            "num_examples": len(dataset),
-            "conditions": condition_names,
-        },  # fmt: skip
         batch_to_model_inputs=batch_to_model_inputs,
-        held_out=held_out,
         make_pipeline=lambda unet, controlnet: coherence_aware_pipeline(base, unet, controlnet),
-        validation_grid=lambda pipeline, examples, step: validation_grid(pipeline, args, examples, channels, step),
-        evaluate=lambda pipeline, examples: evaluate_digits(
-            pipeline,
-            args.digits_conditions,
-            examples,
-            args.validation_guidance_scale,
-            args.validation_inference_steps,
-            args.seed,
-        ),  # fmt: skip
         card=lambda model: coherence_aware_card(
             args, model, dataset_id, describe_conditions(condition_names, channels), sum(channels)
         ),  # fmt: skip
         name="coherence-aware ControlNet pipeline",
-        collate_fn=collate_image_conditions,
         frozen=(vae, base.text_encoder, base.conditioner),
-        extra_settings={
-            "guidance": args.guidance,
-            "condition_dropout": [args.condition_drop_each, args.condition_drop_all, args.condition_keep_all],
-        },
+        **fields,
     )
 
 
