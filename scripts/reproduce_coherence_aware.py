@@ -119,6 +119,7 @@ def prepare_class_data(args, folder: Path) -> Path:
     """The noisy-label digits as a save_to_disk dataset (image, given label, true label), scored by the out-of-fold
     classifier; returns the scored folder."""
     import datasets
+    import torch
     from PIL import Image
 
     from storydiff.atomic_files import save_folder_atomically
@@ -128,7 +129,7 @@ def prepare_class_data(args, folder: Path) -> Path:
     if not data.is_dir():
         images, given, true = noisy_digit_labels(args.label_noise, seed=args.data_seed, split="train", resolution=16)
         images, given, true = (values[: args.max_class_samples] for values in (images, given, true))
-        pixels = ((images[:, 0] + 1.0) * 127.5).round().clamp(0, 255).to(dtype=__import__("torch").uint8).numpy()
+        pixels = ((images[:, 0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
                                       "true_label": datasets.Value("int64")})  # fmt: skip
         rows = {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": given.tolist(),
