@@ -20,9 +20,10 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
-def run_two_processes(script: str, argv: list, kill_after_checkpoint: int = None, timeout: float = 300) -> None:
+def run_two_processes(script: str, argv: list, kill_after_checkpoint: int = None, timeout: float = 300,
+                      checkpoint_folder: Path = None) -> None:  # fmt: skip
     """Run `script` under accelerate with 2 processes; with `kill_after_checkpoint`, SIGKILL the whole launch (both
-    workers) as soon as that checkpoint folder is complete."""
+    workers) as soon as that checkpoint folder (in `checkpoint_folder`, by default --output_dir) is complete."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "true"}
     process = subprocess.Popen([*LAUNCH, str(TRAINING / script), *argv], env=env, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -35,8 +36,8 @@ def run_two_processes(script: str, argv: list, kill_after_checkpoint: int = None
             raise AssertionError(f"{script} did not finish in {timeout} s:\n{output[-3000:]}") from None
         assert process.returncode == 0, output[-3000:]
         return
-    output_dir = Path(argv[argv.index("--output_dir") + 1])
-    checkpoint = output_dir / f"checkpoint-{kill_after_checkpoint}" / "training_position.json"
+    folder = checkpoint_folder or Path(argv[argv.index("--output_dir") + 1])
+    checkpoint = folder / f"checkpoint-{kill_after_checkpoint}" / "training_position.json"
     deadline = time.time() + timeout
     while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -207,3 +208,23 @@ def test_coherence_aware_two_processes_kill_and_resume(tmp_path, condition):
         common += TINY_CLASS_UNET
         weights = "unet/diffusion_pytorch_model.safetensors"
     kill_resume_and_compare(tmp_path, "train_coherence_aware.py", common, kill_after=2, weights=weights)
+
+
+def test_digits_clip_two_processes_match_one_and_resume(tmp_path):
+    """Every process of train_digits_clip.py computes the whole (small) batch, so 2 processes train exactly what 1
+    does; killed after its first epoch's checkpoint (step 3: 48 canvases in batches of 16) and resumed with 2
+    processes, it ends with the same weights."""
+    from test_train_digits_clip import TINY
+
+    from storydiff.training.train_digits_clip import main as train_digits_clip
+
+    common = [str(value) for value in TINY] + ["--num_epochs", "3"]
+    train_digits_clip([*common, "--output_dir", str(tmp_path / "one"), "--work_dir", str(tmp_path / "one_work")])
+    killed, work = tmp_path / "two", tmp_path / "two_work"
+    run_two_processes("train_digits_clip.py", [*common, "--output_dir", str(killed), "--work_dir", str(work),
+                                               "--debug_step_sleep", "1.0"], kill_after_checkpoint=3,
+                      checkpoint_folder=work / "checkpoints")  # fmt: skip
+    assert not (killed / "model.safetensors").exists()
+    run_two_processes("train_digits_clip.py", [*common, "--output_dir", str(killed), "--work_dir", str(work),
+                                               "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert_same_weights(tmp_path / "one" / "model.safetensors", killed / "model.safetensors")

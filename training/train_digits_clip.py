@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch_num_threads", type=int, default=None, help="CPU threads (1 is best on a busy CPU)")
     parser.add_argument("--debug_nan_loss_at_step", type=int, default=None, help=argparse.SUPPRESS)  # for tests
+    parser.add_argument("--debug_step_sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # kill tests
     parser.set_defaults(gradient_accumulation_steps=1)
     args = parser.parse_args(argv)
     for name in ("num_epochs", "train_batch_size", "checkpoints_total_limit", "num_world_samples", "num_layers"):
@@ -82,6 +83,7 @@ if __name__ == "__main__":
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +249,11 @@ def train(args: argparse.Namespace, argv) -> dict:
         dataset={"name": "storydiff-digits-world", "resolution": args.resolution, "num_examples": len(train_images)},
         model_config={**model.config.to_dict(), "num_epochs": args.num_epochs},
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Every process trains on the whole batch (CLIP's contrastive loss takes its negatives from the batch, and the
+    # model is tiny), so the learning-rate schedule must advance once per step: accelerate's prepared scheduler would
+    # step once per process. It is registered for the checkpoints instead, so a resume restores it all the same.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("digits-clip", config={k: str(v) for k, v in vars(args).items()})
 
@@ -290,6 +296,8 @@ def train(args: argparse.Namespace, argv) -> dict:
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{step_loss:.3f}")
             accelerator.log({"train/loss": step_loss}, step=position.global_step - 1)
+            if args.debug_step_sleep:
+                time.sleep(args.debug_step_sleep)
 
         unwrapped = accelerator.unwrap_model(model)
         accuracy = retrieval_accuracy(
