@@ -270,7 +270,9 @@ def prepare_and_train(args) -> dict:
         folder.mkdir(parents=True, exist_ok=True)
         scored = prepare_class_data(args, folder) if part == "class" else prepare_text_data(args, folder, 32)
         commands = training_commands(args, part, scored, folder)
+        # quoted from the repository root, like the training commands (the shipped CLIP by its relative path)
         score_command = "python training/compute_coherence.py " + shlex.join(score_argv(folder / "data", scored, part))
+        score_command = score_command.replace(f"{REPOSITORY}/", "")
         prepared[part] = {"folder": folder, "scored": scored, "commands": commands, "score_command": score_command}
         runs.update({f"{part}/{name}": (folder / name, command) for name, command in commands.items()})
     start = time.time()
