@@ -571,20 +571,25 @@ def save_output(args, argv, pipeline, grid, metrics, rule, dataset_id) -> None:
     guidance = rule.guidance()
     text = args.condition == "text"
     if text:
-        negative = "" if guidance["negative"] == "same" else ', negative_prompt=""'
+        negative_line = "" if guidance["negative"] == "same" else '    negative_prompt="",\n'
         usage = (
             "import torch\nfrom storydiff import CoherenceAwarePipeline\n\n"
             'pipe = CoherenceAwarePipeline.from_pretrained("path/to/this/folder")\n'
-            f'image = pipe("{args.validation_prompts[0]}", coherence=1.0, negative_coherence=0.0{negative}, '
-            "guidance_scale=3.0,\n             num_inference_steps=25, generator=torch.manual_seed(0)).images[0]"
+            "image = pipe(\n"
+            f'    "{args.validation_prompts[0]}",\n'
+            "    coherence=1.0,\n    negative_coherence=0.0,\n"
+            f"{negative_line}"
+            "    guidance_scale=3.0,\n    num_inference_steps=25,\n    generator=torch.manual_seed(0),\n"
+            ").images[0]"
         )
     else:
         usage = (
             "import torch\nfrom storydiff import ClassConditionalPipeline\n\n"
             'pipe = ClassConditionalPipeline.from_pretrained("path/to/this/folder")\n'
-            f'images = pipe(class_labels=[0, 1, 2], coherence=1.0, negative_coherence=0.0, negative_class="'
-            f'{guidance["negative"]}",\n              guidance_scale=3.0, num_inference_steps=25, '
-            "generator=torch.manual_seed(0)).images"
+            "images = pipe(\n    class_labels=[0, 1, 2],\n    coherence=1.0,\n    negative_coherence=0.0,\n"
+            f'    negative_class="{guidance["negative"]}",\n'
+            "    guidance_scale=3.0,\n    num_inference_steps=25,\n    generator=torch.manual_seed(0),\n"
+            ").images"
         )
     sampling = (
         "coherence-aware CFG (the paper's pure form: the same condition at coherence 1 and 0)"
