@@ -63,3 +63,12 @@ def save_grid(grid: np.ndarray, path: str) -> str:
     """Write `grid` as a PNG at `path` atomically (a kill leaves the old picture or the new one)."""
     atomic_save(path, lambda temporary: Image.fromarray(grid).save(temporary, format="PNG"))
     return str(path)
+
+
+def log_grid(accelerator, grid: np.ndarray, path: str, step: int) -> str:
+    """`save_grid(grid, path)`, and the grid as the "validation" image of `step` in TensorBoard when it is a tracker."""
+    save_grid(grid, path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+    return str(path)

@@ -112,7 +112,7 @@ from storydiff.training.run_guards import (
     debug_nan_loss,
     resume_hint_on_interrupt,
 )
-from storydiff.training.sample_grids import labelled_grid, save_grid
+from storydiff.training.sample_grids import labelled_grid, log_grid, save_grid
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -244,14 +244,6 @@ def validation_grid(pipeline, args, num_classes: int, id2label: dict, step: int)
     )
 
 
-def log_validation(accelerator, grid: np.ndarray, path: str, step: int) -> str:
-    save_grid(grid, path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------------- train
 
 
@@ -361,7 +353,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     pipeline = make_pipeline(model, noise_scheduler, num_classes, id2label)
                     grid = validation_grid(pipeline, args, num_classes, id2label, position.global_step)
                 path = os.path.join(args.output_dir, "validation", f"step_{position.global_step:06d}.png")
-                log_validation(accelerator, grid, path, position.global_step)
+                log_grid(accelerator, grid, path, position.global_step)
                 unet.train()
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)
@@ -397,7 +389,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
 
             check_finite_weights(model)
             save_folder_atomically(args.output_dir, write_outputs)
-        log_validation(accelerator, grid, os.path.join(args.output_dir, "samples.png"), position.global_step)
+        log_grid(accelerator, grid, os.path.join(args.output_dir, "samples.png"), position.global_step)
         if args.push_to_hub:
             repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
             url = push_folder_to_hub(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private)

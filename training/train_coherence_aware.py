@@ -179,7 +179,7 @@ from storydiff.training.run_guards import (
     debug_nan_loss,
     resume_hint_on_interrupt,
 )
-from storydiff.training.sample_grids import labelled_grid, save_grid
+from storydiff.training.sample_grids import labelled_grid, log_grid, save_grid
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -362,13 +362,6 @@ def validation_grid(pipeline, args, guidance: dict, extra: dict, step: int) -> n
                          title=f"{args.mode}, step {step}, guidance {args.validation_guidance_scale}")  # fmt: skip
 
 
-def log_validation(accelerator, grid: np.ndarray, path: str, step: int) -> None:
-    save_grid(grid, path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
-
-
 # ----------------------------------------------------------------------------------------------------------- train
 
 
@@ -475,7 +468,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     grid = validation_grid(make_pipeline(args, components, unwrapped, extra), args, rule.guidance(),
                                            extra, position.global_step)  # fmt: skip
                 path = os.path.join(args.output_dir, "validation", f"step_{position.global_step:06d}.png")
-                log_validation(accelerator, grid, path, position.global_step)
+                log_grid(accelerator, grid, path, position.global_step)
                 model.train()
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)

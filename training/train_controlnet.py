@@ -227,7 +227,7 @@ from storydiff.training.run_guards import (
     debug_nan_loss,
     resume_hint_on_interrupt,
 )
-from storydiff.training.sample_grids import labelled_grid, save_grid
+from storydiff.training.sample_grids import labelled_grid, log_grid
 from storydiff.training.train_text_to_image import load_sd_shaped_components
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -745,10 +745,9 @@ def train_controlnet(args: argparse.Namespace, argv: Sequence[str], accelerator,
             pipeline = base.make_pipeline(unwrapped.unet, unwrapped.controlnet)
             if validate:
                 grid = base.validation_grid(pipeline, validation_examples, step)
-                path = save_grid(grid, os.path.join(args.output_dir, "validation", f"step_{step:06d}.png"))
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.writer.add_image("validation", grid, step, dataformats="HWC")
+                path = log_grid(
+                    accelerator, grid, os.path.join(args.output_dir, "validation", f"step_{step:06d}.png"), step
+                )
                 accelerator.print(f"Validation grid: {path}")
             metrics = base.evaluate(pipeline, evaluation_examples) if evaluate else None
         model.train()

@@ -168,7 +168,7 @@ from storydiff.training.run_guards import (
     debug_nan_loss,
     resume_hint_on_interrupt,
 )
-from storydiff.training.sample_grids import labelled_grid, save_grid
+from storydiff.training.sample_grids import labelled_grid, log_grid, save_grid
 from storydiff.training.text_image_data import (
     ImageCaptionDataset,
     collate_image_captions,
@@ -334,14 +334,6 @@ def validation_grid(pipeline, args, prompts: Sequence[str], step: int) -> np.nda
     )
 
 
-def log_validation(accelerator, grid: np.ndarray, path: str, step: int) -> str:
-    save_grid(grid, path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid, step, dataformats="HWC")
-    return path
-
-
 def evaluate_digits_world(pipeline, args) -> dict:
     """Caption adherence and Frechet distance on held-out digits-world captions at each evaluation guidance scale."""
     from storydiff.data.digits import digits_world_arrays
@@ -482,7 +474,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                     pipeline = make_pipeline(components, model.unet, model.text_encoder)
                     grid = validation_grid(pipeline, args, prompts, position.global_step)
                 path = os.path.join(args.output_dir, "validation", f"step_{position.global_step:06d}.png")
-                log_validation(accelerator, grid, path, position.global_step)
+                log_grid(accelerator, grid, path, position.global_step)
                 denoiser.train()
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)

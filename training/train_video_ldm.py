@@ -162,7 +162,7 @@ from storydiff.training.run_guards import (
     debug_nan_loss,
     resume_hint_on_interrupt,
 )
-from storydiff.training.sample_grids import labelled_grid, save_grid
+from storydiff.training.sample_grids import labelled_grid, log_grid, save_grid
 from storydiff.training.train_text_to_image import load_sd_shaped_components
 from storydiff.training.video_data import VideoCaptionDataset, collate_videos
 
@@ -480,10 +480,7 @@ def train(args: argparse.Namespace, argv: Sequence[str]) -> str:
                 with ema_weights(ema, trained_modules):
                     grid, _ = validation_strips(make_pipeline(components, unet), args, prompts, position.global_step)
                 path = os.path.join(args.output_dir, "validation", f"step_{position.global_step:06d}.png")
-                save_grid(grid, path)
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.writer.add_image("validation", grid, position.global_step, dataformats="HWC")
+                log_grid(accelerator, grid, path, position.global_step)
                 denoiser.train()
             if args.debug_step_sleep:
                 time.sleep(args.debug_step_sleep)
