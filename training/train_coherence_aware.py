@@ -157,6 +157,7 @@ from tqdm.auto import tqdm
 
 from storydiff.atomic_files import save_folder_atomically
 from storydiff.coherence import coherence_summary
+from storydiff.custom_pipelines.coherence_aware import encode_text
 from storydiff.models.coherence import check_coherence
 from storydiff.training.arguments import create_accelerator, end_training
 from storydiff.training.checkpointing import (
@@ -525,8 +526,6 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.T
 
 
 def text_loss(args, components: dict, model, batch: dict, conditioning, self_conditioned: bool) -> torch.Tensor:
-    from storydiff.custom_pipelines.coherence_aware import encode_text
-
     vae, scheduler = components["vae"], components["scheduler"]
     captions = [
         "" if dropped else caption for caption, dropped in zip(batch["captions"], conditioning.dropped.tolist())
